@@ -1,0 +1,36 @@
+"""Packaging for crossclass_nb: every field comes from settings.ini, the one place the version lives."""
+from configparser import ConfigParser
+from pathlib import Path
+
+import setuptools
+
+cfg = ConfigParser(delimiters=["="])
+cfg.read(Path(__file__).parent / "settings.ini", encoding="utf-8")
+cfg = cfg["DEFAULT"]
+
+
+def reqs(key):
+    return cfg.get(key, "").split()
+
+
+setuptools.setup(
+    name=cfg["lib_name"],
+    version=cfg["version"],
+    description=cfg["description"],
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    author=cfg["author"],
+    author_email=cfg["author_email"],
+    license="Apache-2.0",
+    url=cfg["git_url"],
+    packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
+    include_package_data=True,
+    python_requires=">=" + cfg["min_python"],
+    install_requires=reqs("requirements"),
+    extras_require={"dev": reqs("dev_requirements"), "eval": reqs("eval_requirements")},
+    entry_points={
+        "console_scripts": cfg["console_scripts"].split(),
+        "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+    },
+    zip_safe=False,
+)
