@@ -1,0 +1,165 @@
+"""The docs site in a real browser: Chromium (Debian's) driven by Playwright, the site served on 127.0.0.1 by the test.
+
+One crawl starts at the landing page and follows the links between pages; the tests below check what it saw.
+"""
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urldefrag, urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "_docs"
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EXPORTED_FUNCTION = "get_device"  # from crossclass_nb.core, so its show_doc section is always on the site
+
+if not Path(CHROMIUM).exists():
+    why = f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)"
+    if os.environ.get("CI"): raise RuntimeError(why)  # CI installs it, so there it must run
+    pytest.skip(why, allow_module_level=True)
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+
+def notebook_titles() -> dict[str, str]:
+    "The title (`# Title` of the first markdown cell) of every notebook in nbs/."
+    titles = {}
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        first = next(c for c in cells if c["cell_type"] == "markdown")
+        titles[nb.name] = "".join(first["source"]).splitlines()[0].lstrip("#").strip()
+    return titles
+
+
+@pytest.fixture(scope="module")
+def site():
+    "The built site (built first if `_docs/` is missing), served on a free port of 127.0.0.1."
+    if not (DOCS / "index.html").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_docs.py")], cwd=ROOT, check=True)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(DOCS)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+PAGE_FACTS = """() => ({
+    title: (document.querySelector('h1') || {}).innerText || '',
+    sidebar: [...document.querySelectorAll('#quarto-sidebar a.sidebar-link')].map(a => a.innerText.trim()),
+    links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+    images: [...document.images].map(i => ({src: i.src.slice(0, 80), ok: i.complete && i.naturalWidth > 0})),
+    katex: document.querySelectorAll('.katex').length,
+    untypeset: [...document.querySelectorAll('.math')].filter(m => !m.querySelector('.katex')).map(m => m.innerText.slice(0, 60)),
+    raw_dollars: document.body.innerText.includes('$$'),
+})"""
+
+
+@pytest.fixture(scope="module")
+def crawl(site):
+    "Visit every page reachable by links from the landing page; return {url: facts}, the requests made, and the sidebar's links."
+    requests, pages = [], {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+
+        def guard(route):  # record every request; anything not for 127.0.0.1 is refused (and fails a test below)
+            requests.append(route.request.url)
+            url = urlparse(route.request.url)
+            if url.scheme in ("data", "blob") or url.hostname == "127.0.0.1": route.continue_()
+            else: route.abort()
+
+        context.route("**/*", guard)
+        page = context.new_page()
+        todo, seen = [site + "index.html"], set()
+        while todo:
+            url = todo.pop(0)
+            if url in seen: continue
+            seen.add(url)
+            response = page.goto(url, wait_until="load")
+            facts = {"status": response.status if response else None}
+            if facts["status"] == 200:
+                page.wait_for_function("document.fonts.status === 'loaded'")
+                facts.update(page.evaluate(PAGE_FACTS))
+                for link in facts["links"]:
+                    link = urldefrag(link).url
+                    if link == site: link = site + "index.html"
+                    if link.startswith(site) and link.endswith(".html") and link not in seen: todo.append(link)
+            pages[url] = facts
+
+        page.goto(site + "index.html", wait_until="load")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "landing.png"), full_page=True)
+        sidebar = {a.inner_text().strip(): urldefrag(a.evaluate("a => a.href")).url
+                   for a in page.query_selector_all("#quarto-sidebar a.sidebar-link")}
+
+        # search, as a reader does: type the name of an exported function and follow the first hit
+        page.fill("#quarto-search input", EXPORTED_FUNCTION)
+        hit = page.wait_for_selector(f".search-result:has-text('{EXPORTED_FUNCTION}')", timeout=10_000)
+        hit.click()
+        page.wait_for_load_state("load")
+        search = {"url": page.url, "found": page.locator(f"[id='{EXPORTED_FUNCTION}']").count() > 0}
+        browser.close()
+    return {"pages": pages, "requests": requests, "sidebar": sidebar, "search": search}
+
+
+def test_landing_page_screenshot(crawl):
+    shot = ARTIFACTS / "landing.png"
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_every_page_loads(crawl):
+    broken = {url: f["status"] for url, f in crawl["pages"].items() if f["status"] != 200}
+    assert not broken, f"links that lead nowhere: {broken}"
+
+
+def test_sidebar_lists_every_chapter(crawl):
+    for url, facts in crawl["pages"].items():
+        if facts["status"] != 200: continue
+        missing = [t for t in notebook_titles().values() if t not in facts["sidebar"]]
+        assert not missing, f"the sidebar of {url} does not list {missing}"
+
+
+def test_every_notebook_has_a_page(crawl):
+    for nb, title in notebook_titles().items():
+        url = crawl["sidebar"].get(title)
+        assert url, f"no sidebar link titled {title!r} for {nb}"
+        facts = crawl["pages"].get(url)
+        assert facts and facts["status"] == 200, f"{nb}: its sidebar link {url} does not load"
+        assert facts["title"].strip() == title, f"{nb}: {url} shows {facts['title']!r}, not {title!r}"
+
+
+def test_search_finds_an_exported_function(crawl):
+    assert crawl["search"]["found"], f"searching {EXPORTED_FUNCTION!r} led to {crawl['search']['url']}, which has no such section"
+
+
+def test_math_is_typeset(crawl):
+    pages = crawl["pages"].values()
+    assert sum(f.get("katex", 0) for f in pages) > 0, "no page shows KaTeX output (index.ipynb has display maths)"
+    for url, f in crawl["pages"].items():
+        assert not f.get("untypeset"), f"{url}: maths left as TeX: {f['untypeset']}"
+        assert not f.get("raw_dollars"), f"{url}: raw $$ in the visible text"
+
+
+def test_every_image_loads(crawl):
+    images = [(url, i) for url, f in crawl["pages"].items() for i in f.get("images", [])]
+    assert images, "no image on any page (index.ipynb draws one)"
+    broken = [(url, i["src"]) for url, i in images if not i["ok"]]
+    assert not broken, f"images that do not load: {broken}"
+
+
+def test_no_request_leaves_the_machine(crawl):
+    outside = sorted({u for u in crawl["requests"] if urlparse(u).scheme not in ("data", "blob") and urlparse(u).hostname != "127.0.0.1"})
+    assert not outside, f"requests to other hosts: {outside}"
+    assert len(crawl["requests"]) > len(crawl["pages"]), "the request log is empty: the guard did not run"
