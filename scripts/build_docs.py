@@ -44,7 +44,11 @@ def build_offline():
     if proc.exists():  # a notebook deleted from nbs/ must not keep its page
         for nb in proc.glob("*.ipynb"):
             if not (ROOT / "nbs" / nb.name).exists(): nb.unlink()
-    proc_nbs(n_workers=0)  # executes the exported, show_doc, import and exec_doc cells; cached by modification time
+    try: proc_nbs(n_workers=0)  # executes the exported, show_doc, import and exec_doc cells; cached by modification time
+    except Exception:
+        print("\nbuild_docs: nbdev's docs processing failed in the notebook named below. It runs every cell that exports,\n"
+              "calls show_doc, has #| exec_doc, or contains an import: keep imports in cells of their own.\n", file=sys.stderr)
+        raise
     shutil.rmtree(proc / "_docs", ignore_errors=True)
     if smalldocs(["render", str(proc), "--quiet"]) != 0: sys.exit("smalldocs could not render _proc/")
     shutil.rmtree(DOCS, ignore_errors=True)
