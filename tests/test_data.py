@@ -546,6 +546,10 @@ def test_tensor_loader_is_pure_function_of_seed_and_epoch(digits):
     assert not torch.equal(torch.cat([y for _, y in e0]), torch.cat([y for _, y in e1]))
     c = TensorLoader(digits, 128, augment=True, pad=2, device="cpu", seed=12)
     assert not torch.equal(torch.cat([x for x, _ in batches(c)]), torch.cat([x for x, _ in e0]))
+    b.set_epoch(2)
+    it = iter(b)  # the epoch is fixed when iter() is called, not at the first batch
+    b.set_epoch(0)
+    assert torch.equal(next(it)[0], e2[0][0])
     # every example exactly once per epoch, and len() is the number of batches
     assert len(e0) == len(a) == 12 and torch.equal(torch.cat([y for _, y in e0]).sort().values, digits.y.sort().values)
 
