@@ -1,0 +1,131 @@
+"""Trainer safety: atomic checkpoint writes, weights_only loading (payloads never run), the run-directory lock
+(a live holder refuses, a killed one is taken over), refusals that leave the disk unchanged, config round trips."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossclass_nb.core import CheckpointError, CrossclassError, InputError, RunDirError
+from crossclass_nb.training import (PRESETS, CheckpointCB, RunLock, TrainConfig, get_config, load_checkpoint,
+                                    load_metrics, load_model, parse_setting, train)
+
+TINY = dict(epochs=1, figures=False, cas_every=0)
+
+
+def snapshot(d: Path):
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*")} if d.exists() else None
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tr") / "run"
+    train(get_config("fmnist-tiny", **TINY), d)
+    return d
+
+
+def test_presets_round_trip_and_validate():
+    for name, cfg in PRESETS.items():
+        assert TrainConfig.from_json(cfg.to_json()) == cfg
+        assert get_config(name) == cfg
+    assert get_config("cifar10-paper").select_on == "val" and get_config("cifar10-paper", select_on="test").select_on == "test"
+    assert parse_setting("milestones", "[100, 150]") == [100, 150]
+    with pytest.raises(InputError, match="did you mean 'epochs'"): parse_setting("epoch", "3")
+    for bad in ({"eps": float("nan")}, {"kd_start": 5, "kd_end": 2}, {"batch_size": 0}, {"model": "vgg"}):
+        with pytest.raises(InputError): get_config("fmnist-tiny", **bad)
+
+
+def test_checkpoint_is_plain_and_validated(run_dir, tmp_path):
+    ck = torch.load(run_dir / "last.pt", weights_only=True)          # plain data only
+    assert ck["format_version"] == 1 and ck["epoch"] == 1 and len(ck["rng"]) == 1 and ck["history"][0]["epoch"] == 1
+    for k in ("model", "optimizer", "scheduler", "scaler", "best_score", "best_epoch", "config"): assert k in ck
+    torch.save({**ck, "format_version": 2}, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="newer crossclass_nb"): load_checkpoint(tmp_path / "newer.pt")
+    (tmp_path / "cut.pt").write_bytes((run_dir / "last.pt").read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="truncated"): load_checkpoint(tmp_path / "cut.pt")
+    extra = dict(ck["model"]); extra["head.extra"] = torch.zeros(1)
+    torch.save({**ck, "model": extra}, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match="unexpected weights"): load_model(tmp_path / "extra.pt")
+
+
+def test_failed_checkpoint_write_keeps_previous(run_dir, tmp_path, monkeypatch):
+    import shutil
+    d = tmp_path / "run"; shutil.copytree(run_dir, d)
+    before = {f: (d / f).read_bytes() for f in ("last.pt", "best.pt")}
+    real_save = torch.save
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k); raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"the previous (best|last)\.pt is intact"):
+        train(get_config("fmnist-tiny", **{**TINY, "epochs": 2}), d, resume=True)
+    monkeypatch.undo()
+    assert all((d / f).read_bytes() == b for f, b in before.items()) and not list(d.glob(".*.tmp"))
+    assert load_checkpoint(d / "last.pt")["epoch"] == 1
+    train(get_config("fmnist-tiny", **{**TINY, "epochs": 2}), d, resume=True)     # and the run goes on
+    assert len(load_metrics(d)) == 2
+
+
+class Payload:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (Path.write_text, (Path(self.marker), "payload ran"))
+
+
+def test_malicious_checkpoints_never_run(run_dir, tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = {"format_version": 1, "epoch": 1, "model": Payload(marker), "config": {}, "model_info": {}}
+    torch.save(evil, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"): load_model(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"): load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"):                 # as a KD teacher
+        train(get_config("fmnist-tiny", kd="teacher", kd_teacher=str(tmp_path / "evil.pt"), **TINY), tmp_path / "kd")
+    assert not (tmp_path / "kd").exists()
+    import shutil
+    d = tmp_path / "resume"; shutil.copytree(run_dir, d); torch.save(evil, d / "last.pt")
+    with pytest.raises(CheckpointError, match="refused"): train(None, d, resume=True)   # on resume
+    assert not marker.exists()
+
+
+def test_refusals_leave_disk_unchanged(run_dir, tmp_path):
+    before = snapshot(run_dir)
+    with pytest.raises(RunDirError, match="already holds a run"): train(get_config("fmnist-tiny", **TINY), run_dir)
+    with pytest.raises(RunDirError, match="differs from"): train(get_config("fmnist-tiny", **{**TINY, "lr": 0.5}), run_dir, resume=True)
+    with pytest.raises(InputError, match="exclude each other"): train(None, run_dir, resume=True, overwrite=True)
+    assert snapshot(run_dir) == before
+    other = tmp_path / "other"; other.mkdir(); (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not a crossclass run"): train(get_config("fmnist-tiny", **TINY), other, overwrite=True)
+    assert snapshot(other) == {"notes.txt": snapshot(other)["notes.txt"]}
+    with pytest.raises(InputError, match="unknown dataset"): train(TrainConfig(dataset="mnist2", **TINY), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+LOCKER = """
+import sys, time
+from crossclass_nb.training import RunLock
+RunLock(sys.argv[1]).acquire(); print("locked", flush=True); time.sleep(600)
+"""
+
+
+def test_lock_refuses_live_holder_and_survives_its_death(run_dir, tmp_path):
+    import shutil
+    d = tmp_path / "run"; shutil.copytree(run_dir, d)
+    p = subprocess.Popen([sys.executable, "-c", LOCKER, str(d)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        assert RunLock(d).owner() == p.pid
+        with pytest.raises(RunDirError, match=f"pid {p.pid}"): train(None, d, resume=True)
+    finally:
+        os.kill(p.pid, signal.SIGKILL); p.wait()
+    assert RunLock(d).owner() is None                                 # the stale lock file is free again
+    train(get_config("fmnist-tiny", **{**TINY, "epochs": 2}), d, resume=True)
+    assert len(load_metrics(d)) == 2
+
+
+def test_divergence_is_caught(tmp_path):
+    with pytest.raises(CrossclassError, match="diverged"):
+        train(get_config("fmnist-tiny", loss="standard", lr=1e12, momentum=0.0, **TINY), tmp_path / "nan")
+    assert not (tmp_path / "nan" / "last.pt").exists()
