@@ -1,0 +1,63 @@
+"""The bad-input catalogue (tests/bad_inputs.py), one pytest case each: every mistake gets an error of the package's
+own family (or, on the command line, one line on stderr and exit code 2) that names the problem and the fix, and
+nothing on disk changes. Also two real `crossclass` processes, to see what a user's terminal shows."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bad_inputs import CASES, diff_snapshots, problems, run_case, snapshot
+from crossclass_nb.core import CrossclassError
+
+
+def test_catalogue_is_big_and_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+    assert len(CASES) >= 30 and sum(c.cli for c in CASES) >= 8
+    assert all(c.words for c in CASES), "every case checks its message"
+    assert all(c.cli or issubclass(c.error, CrossclassError) for c in CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, monkeypatch):
+    if case.skip and (reason := case.skip()): pytest.skip(reason)
+    d = tmp_path / "sandbox"
+    d.mkdir()
+    cleanup = case.setup(d) if case.setup else None
+    monkeypatch.chdir(d)  # anything written to a default relative path would land in the sandbox, and be seen
+    before = snapshot(d)
+    res = run_case(case, d)
+    after = snapshot(d)
+    if cleanup: cleanup()
+    assert not problems(case, res), f"{problems(case, res)}\nmessage: {res.message!r}\nerror: {res.error!r}"
+    assert not diff_snapshots(before, after), f"the disk changed: {diff_snapshots(before, after)}"
+
+
+def _crossclass(*args, cwd):
+    "Run the installed command line in a fresh process (as a user's terminal would)."
+    env = {**os.environ, "CROSSCLASS_QUIET": "1"}
+    return subprocess.run([sys.executable, "-m", "crossclass_nb.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_real_process_bad_preset(tmp_path):
+    before = snapshot(tmp_path)
+    r = _crossclass("train", "--preset", "cifar11", "--out", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cifar11" in lines[0] and "fmnist-tiny" in lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_real_process_truncated_checkpoint(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    before = snapshot(tmp_path)
+    r = _crossclass("eval", tmp_path / "last.pt", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "last.pt" in lines[0] and "truncated" in lines[0]
+    assert snapshot(tmp_path) == before
