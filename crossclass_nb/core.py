@@ -153,7 +153,7 @@ def check_images(x: torch.Tensor, # a batch of images, N x C x H x W (or N x D f
     if not x.is_floating_point(): raise InputError(f"{name} must be a float tensor in [0, 1], got {x.dtype}: use x.float()/255")
     if x.dim() < 2: raise InputError(f"{name} must be a batch (N x ...), got shape {tuple(x.shape)}")
     if x.numel() == 0: raise InputError(f"{name} is empty: pass at least one example")
-    if not torch.isfinite(x).all(): raise InputError(f"{name} contains NaN or inf values")
+    if not torch.isfinite(x).all(): raise InputError(f"{name} contains NaN or inf values: check the data pipeline (e.g. torch.nan_to_num, or the file the images came from)")
     lo, hi = x.min().item(), x.max().item()
     if lo < 0 or hi > 1:
         hint = ": divide 0..255 pixels by 255" if hi > 1.5 else ""
