@@ -88,7 +88,7 @@ def conv_bn_relu(ni: int, nf: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(ni, nf, 3, stride, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
 def small_cnn_body(in_channels: int = 1, # input channels
-                   width: int = 32, # channels of the first stage (the second has 2*width)
+                   width: int = 16, # channels of the first stage (the second has 2*width)
                    hidden: int = 128, # n, the width of the feature vector
                   ) -> tuple[nn.Module, int]:
     "Body of `small_cnn`: (module, number of features)."
