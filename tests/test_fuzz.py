@@ -202,3 +202,88 @@ def test_cas_invalid(how, k):
     bad = {"nan": lambda: C.index_fill(0, torch.tensor([0]), float("nan")), "rect": lambda: torch.zeros(k, k + 1),
            "1d": lambda: C.flatten(), "list": lambda: C.tolist()}[how]()
     with pytest.raises(InputError): cas(bad)
+
+# ---------------------------------------------------------------------------------------------- synthetic theory
+
+THEORY = dict(eps=st.floats(0, 2), mu=st.floats(0.05, 3), sigma=st.floats(0, 3), lam=st.floats(0.05, 5),
+              k=st.integers(2, 5), norm=st.sampled_from(["linf", "l2"]))
+
+
+@FUZZ
+@given(**THEORY, alpha=st.sampled_from([0.0, 0.0, 0.1, 0.5, 0.9]), d=st.tuples(st.floats(-1, 1), st.floats(-1, 1)))
+def test_theory_optimum(eps, mu, sigma, lam, k, norm, alpha, d):
+    "The closed-form optimum is finite, non-negative and no worse than a nearby point (the objective is convex)."
+    from crossclass_nb import synthetic as syn
+    w1, w2 = syn.optimal_weights(eps, mu, sigma, lam, alpha, norm, k)
+    assert math.isfinite(w1) and math.isfinite(w2) and w1 >= 0 and w2 >= 0
+    best = syn.robust_objective(w1, w2, eps, mu, sigma, lam, alpha, norm, k)
+    assert math.isfinite(best)
+    for t in (1e-3, 0.1, 1.0):
+        other = syn.robust_objective(w1 + t * d[0], w2 + t * d[1], eps, mu, sigma, lam, alpha, norm, k)
+        assert other >= best - 1e-7 * max(1.0, abs(best)), (t, other, best)
+    w2_more = syn.optimal_weights(eps + 0.05, mu, sigma, lam, alpha, norm, k)[1]
+    assert w2_more <= w2 + 1e-7, "a larger radius must not increase the cross-class weight"
+
+
+@FUZZ
+@given(**THEORY, alpha=st.floats(0, 0.95))
+def test_theory_thresholds(eps, mu, sigma, lam, k, norm, alpha):
+    "Theorems 1 and 3 (l_inf): beyond eps0 (hard labels) or eps1(alpha) (smoothing) the cross-class weight is 0."
+    from crossclass_nb import synthetic as syn
+    e0, e1 = syn.eps0(mu, sigma, k), syn.eps1(alpha, mu, sigma, lam, k)
+    assert math.isfinite(e0) and math.isfinite(e1) and e0 >= 0 and e1 >= 0
+    w2 = syn.optimal_weights(eps, mu, sigma, lam, 0.0, "linf", k)[1]
+    assert (w2 == 0) == (eps >= e0) or abs(eps - e0) < 1e-9, (eps, e0, w2)
+    w2s = syn.optimal_weights(eps, mu, sigma, lam, alpha, "linf", k)[1]
+    if eps >= e1 + 1e-9: assert w2s == 0, (eps, e1, w2s)
+    if eps < e1 - 1e-9: assert w2s > 0, (eps, e1, w2s)
+
+
+@FUZZ
+@given(st.integers(2, 3), st.integers(1, 12), st.integers(0, 2**16), st.floats(0, 1), st.floats(0, 0.9),
+       st.sampled_from([1e-3, 1.0, 1e3]))
+def test_margin_loss_is_the_exact_worst_case(k, n, seed, eps, alpha, scale):
+    "The closed-form worst case equals brute force over the corners of the box, is finite, and grows with eps."
+    from crossclass_nb import synthetic as syn
+    x, y = syn.sample(n, 1.0, 1.0, k, seed, torch.float64)
+    W = torch.randn(k, 2 * k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    m = syn.margin_loss(W, x, y, eps, alpha, "linf")
+    assert m.shape == (n,) and torch.isfinite(m).all()
+    v = syn.vertex_loss(W, x, y, eps, alpha, "margin")
+    assert torch.allclose(m, v, rtol=1e-9, atol=1e-9 * scale), (m - v).abs().max()
+    assert (syn.margin_loss(W, x, y, eps + 0.1, alpha, "linf") >= m - 1e-9 * scale).all()
+    assert (syn.margin_loss(W, x, y, eps, alpha, "l2") <= m + 1e-9 * scale).all(), "the l2 ball lies inside the linf ball"
+
+
+@FUZZ
+@given(st.floats(-2, 2), st.floats(-2, 2), st.floats(0, 1), st.floats(0.05, 3), st.floats(0.05, 3),
+       st.sampled_from(["linf", "l2"]))
+def test_probabilities_and_cas(w1, w2, eps, mu, sigma, norm):
+    "Probabilities lie in [0, 1], all margins are harder than one, more eps never helps; CAS stays in [0, k(k-1)]."
+    from crossclass_nb import synthetic as syn
+    p = syn.adv_correct_prob(w1, w2, eps, mu, sigma, norm)
+    ra = syn.robust_accuracy(w1, w2, eps, mu, sigma, k=3, norm=norm)
+    assert 0 <= p <= 1 and 0 <= ra <= 1
+    assert ra <= p + 1e-3, (ra, p)
+    assert syn.robust_accuracy(w1, w2, eps + 0.1, mu, sigma, k=3, norm=norm) <= ra + 1e-3
+    W = syn.weight_matrix(w1, w2, 3)
+    x, y = syn.sample(30, mu, sigma, 3, 0, torch.float64)
+    c = float(syn.linear_cas(W, x, y))
+    e = float(syn.expected_cas(W, eps, mu))
+    assert math.isfinite(c) and math.isfinite(e) and 0 <= c <= 6 + 1e-9 and 0 <= e <= 6 + 1e-9
+
+
+BAD_THEORY = [("eps", -0.1), ("eps", float("nan")), ("mu", 0.0), ("mu", -1.0), ("sigma", -1.0), ("lam", 0.0),
+              ("alpha", 1.0), ("alpha", -0.1), ("norm", "l3"), ("k", 1), ("k", 2.5)]
+
+
+@pytest.mark.parametrize("name,value", BAD_THEORY, ids=[f"{n}={v}" for n, v in BAD_THEORY])
+def test_theory_invalid(name, value):
+    from crossclass_nb import synthetic as syn
+    args = {**dict(eps=0.1, mu=1.0, sigma=1.0, lam=1.0, alpha=0.0, norm="linf", k=3), name: value}
+    for f in (lambda: syn.optimal_weights(**args), lambda: syn.robust_objective(0.5, 0.5, **args)):
+        with pytest.raises(InputError) as e: f()
+        assert name in str(e.value), str(e.value)
+    if name in ("eps", "norm"):
+        x, y = syn.sample(5)
+        with pytest.raises(InputError): syn.margin_loss(syn.weight_matrix(1.0, 0.5), x, y, args["eps"], 0.0, args["norm"])
