@@ -2,6 +2,7 @@
 own family (or, on the command line, one line on stderr and exit code 2) that names the problem and the fix, and
 nothing on disk changes. Also two real `crossclass` processes, to see what a user's terminal shows."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +37,12 @@ def test_bad_input(case, tmp_path, monkeypatch):
 
 
 def _crossclass(*args, cwd):
-    "Run the installed command line in a fresh process (as a user's terminal would)."
+    "Run the installed `crossclass` console script in a fresh process (as a user's terminal would)."
+    exe = Path(sys.executable).with_name("crossclass")
+    exe = str(exe) if exe.exists() else shutil.which("crossclass")
+    assert exe, "the crossclass console script is not installed (pip install -e .)"
     env = {**os.environ, "CROSSCLASS_QUIET": "1"}
-    return subprocess.run([sys.executable, "-m", "crossclass_nb.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([exe, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_real_process_bad_preset(tmp_path):
