@@ -385,7 +385,7 @@ CASES += [
          lambda d: Dataset(torch.rand(2, 1, 4, 4), torch.tensor([0, 5]), ["a", "b"]), error=InputError,
          words=("labels", "0..1")),
     Case("dataset-empty", "data", "a balanced subset of an empty dataset", lambda d: stratified_subset(_EMPTY, 2),
-         error=InputError, words=("empty",)),
+         error=InputError, words=("empty", ("at least one", "non-empty", "check the", "pass data", "load"))),
     Case("subset-class-without-examples", "data", "a balanced subset when a class has no examples",
          lambda d: stratified_subset(Dataset(torch.rand(4, 1, 4, 4), torch.tensor([0, 0, 2, 2]), ["a", "b", "c"]), 3),
          error=InputError, words=("class 1", "no examples", "at most")),
