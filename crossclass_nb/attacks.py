@@ -104,10 +104,10 @@ def _ascent(x_adv: torch.Tensor, g: torch.Tensor, alpha: float, norm: str) -> to
     return x_adv + alpha * g / _norms(g).clamp_min(1e-12)
 
 def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    "A point drawn uniformly from the eps-ball around `x`, clipped to [0, 1]."
+    "A random start in the eps-ball around `x` (l2: random direction, radius uniform in [0, eps]), clipped to [0, 1]."
     if norm == "linf": return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
     d = torch.randn_like(x)
-    r = torch.rand((len(x),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype) ** (1 / x[0].numel())
+    r = torch.rand((len(x),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
     return (x + eps * r * d / _norms(d).clamp_min(1e-12)).clamp(0, 1)
 
 # %% ../nbs/04_attacks.ipynb #d3afaf13
