@@ -80,7 +80,7 @@ def _check_labels(y, x: torch.Tensor) -> torch.Tensor:
     return y.long()
 
 def _check_classes(y: torch.Tensor, logits: torch.Tensor):
-    lo, hi = y.min().item(), y.max().item()
+    lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one device sync
     if lo < 0 or hi >= logits.shape[1]:
         raise InputError(f"labels must lie in [0, {logits.shape[1] - 1}] for this model, got values in [{lo}, {hi}]")
 
@@ -254,7 +254,8 @@ def accuracy(model: nn.Module, # classifier taking images in [0, 1]
     try:
         model.eval()
         for xb, yb in _batches(x, y, batch_size):
-            xb, yb = check_images(xb.to(device, non_blocking=True)), _check_labels(yb.to(device, non_blocking=True), xb.to(device))
+            xb = check_images(xb.to(device, non_blocking=True))
+            yb = _check_labels(yb.to(device, non_blocking=True), xb)
             if attack is not None: xb = attack(model, xb, yb)
             with torch.no_grad(): correct += (model(xb).argmax(1) == yb).sum()
             total += len(yb)
@@ -277,18 +278,21 @@ def _torchattacks():
     return torchattacks
 
 def _autoattack(model, eps: float, norm: str, version: str, num_classes: int, seed: int):
+    "The torchattacks ensemble for `version`; APGD-T is left out below 4 classes (its DLR loss needs 4 logits)."
     ta = _torchattacks()
     tnorm = {"linf": "Linf", "l2": "L2"}[norm]
-    if version == "cheap":
-        apgd_t = ta.APGDT(model, norm=tnorm, eps=eps, steps=20, n_restarts=1, seed=seed, n_classes=num_classes)
-        apgd_t.n_target_classes = min(3, num_classes - 1)
-        return ta.MultiAttack([ta.APGD(model, norm=tnorm, eps=eps, steps=20, n_restarts=1, seed=seed, loss="ce"), apgd_t])
-    n_t = min(9, num_classes - 1)
-    apgd_t = ta.APGDT(model, norm=tnorm, eps=eps, steps=100, n_restarts=1, seed=seed, n_classes=num_classes)
-    fab_t = ta.FAB(model, norm=tnorm, eps=eps, steps=100, n_restarts=1, seed=seed, multi_targeted=True, n_classes=num_classes)
-    apgd_t.n_target_classes = fab_t.n_target_classes = n_t
-    return ta.MultiAttack([ta.APGD(model, norm=tnorm, eps=eps, steps=100, n_restarts=1, seed=seed, loss="ce"),
-                           apgd_t, fab_t, ta.Square(model, norm=tnorm, eps=eps, n_queries=5000, n_restarts=1, seed=seed)])
+    steps, n_t = (20, min(3, num_classes - 1)) if version == "cheap" else (100, min(9, num_classes - 1))
+    attacks = [ta.APGD(model, norm=tnorm, eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")]
+    if num_classes >= 4:
+        apgd_t = ta.APGDT(model, norm=tnorm, eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=num_classes)
+        apgd_t.n_target_classes = n_t
+        attacks.append(apgd_t)
+    if version == "standard":
+        fab_t = ta.FAB(model, norm=tnorm, eps=eps, steps=100, n_restarts=1, seed=seed, multi_targeted=True,
+                       n_classes=num_classes)
+        fab_t.n_target_classes = n_t
+        attacks += [fab_t, ta.Square(model, norm=tnorm, eps=eps, n_queries=5000, n_restarts=1, seed=seed)]
+    return ta.MultiAttack(attacks) if len(attacks) > 1 else attacks[0]
 
 # %% ../nbs/04_attacks.ipynb #12b60b01
 def autoattack_accuracy(model: nn.Module, # classifier taking images in [0, 1]

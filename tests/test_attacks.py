@@ -315,3 +315,33 @@ def test_autoattack_validation():
     with pytest.raises(InputError, match="standard, cheap"): autoattack_accuracy(m, x, y, 0.1, version="fast")
     with pytest.raises(InputError, match="8/255"): autoattack_accuracy(m, x, y, 8, version="cheap")
     with pytest.raises(InputError, match="labels must lie"): autoattack_accuracy(m, x, torch.tensor([0, 7]), 0.1)
+
+
+def test_autoattack_versions_built_as_documented():
+    from crossclass_nb.attacks import _autoattack
+    pytest.importorskip("torchattacks")
+    m = tiny_net(k=10)
+    std = _autoattack(m, 8 / 255, "linf", "standard", 10, 0)
+    assert [type(a).__name__ for a in std.attacks] == ["APGD", "APGDT", "FAB", "Square"]
+    assert [a.steps for a in std.attacks[:3]] == [100, 100, 100] and std.attacks[3].n_queries == 5000
+    assert std.attacks[1].n_target_classes == 9 and std.attacks[2].n_target_classes == 9
+    assert std.attacks[0].loss == "ce" and std.attacks[2].multi_targeted and std.attacks[0].norm == "Linf"
+    cheap = _autoattack(m, 0.5, "l2", "cheap", 10, 0)
+    assert [type(a).__name__ for a in cheap.attacks] == ["APGD", "APGDT"]
+    assert [a.steps for a in cheap.attacks] == [20, 20] and cheap.attacks[1].n_target_classes == 3
+    assert cheap.attacks[0].norm == "L2" and cheap.attacks[0].eps == 0.5
+    # APGD-T's targeted DLR loss needs 4 logits: left out below 4 classes
+    assert type(_autoattack(tiny_net(k=3), 0.1, "linf", "cheap", 3, 0)).__name__ == "APGD"
+
+
+def test_autoattack_cheap_runs_and_finds_examples():
+    pytest.importorskip("torchattacks")
+    for k in (3, 5):
+        model = tiny_net(k=k).eval()
+        x = torch.rand(6, 1, 6, 6)
+        with torch.no_grad(): y = model(x).argmax(1)
+        snap, rng = snapshot(model), torch.get_rng_state()
+        aa = autoattack_accuracy(model, x, y, 0.5, version="cheap")
+        assert aa < 1.0  # a large budget breaks a random tiny net
+        assert_untouched(model, snap)
+        assert torch.equal(torch.get_rng_state(), rng)
