@@ -17,7 +17,7 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'Normalize', 'Classifier', 'conv_bn_relu', 'small_cnn_body', 'PreActBlock', 'PoolFlatten',
-           'preact_resnet18_body', 'BasicBlock', 'resnet18_body', 'wrn_body', 'mlp_body', 'get_model']
+           'preact_resnet18_body', 'BasicBlock', 'resnet18_body', 'wrn_body', 'CheckedFlatten', 'mlp_body', 'get_model']
 
 # %% ../nbs/03_models.ipynb #b9c55149
 def _channel_stats(v, # None, a number, or one number per channel
@@ -54,6 +54,8 @@ class Normalize(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
             raise InputError(f"expected images N x {self.mean.shape[1]} x H x W in [0, 1], got shape {tuple(x.shape)}: "
                              "check in_channels of get_model and the dataset")
+        if x.dtype == torch.float64 and self.mean.dtype != torch.float64:
+            raise InputError(f"images are float64 but the model computes in {self.mean.dtype}: use x.float()")
         return (x - self.mean) / self.std
 
     def extra_repr(self): return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
@@ -168,6 +170,23 @@ def wrn_body(in_channels: int = 3, # input channels
     return nn.Sequential(*layers), widths[-1]
 
 # %% ../nbs/03_models.ipynb #eccaf8fa
+class CheckedFlatten(nn.Flatten):
+    "`nn.Flatten` that refuses images of another size than the first layer was built for."
+    def __init__(self, input_shape: Sequence[int] | None = None, # (C, H, W); None: taken from the first batch
+                ):
+        super().__init__()
+        self.input_shape = tuple(input_shape) if input_shape else None
+
+    def forward(self, x):
+        shape = tuple(x.shape[1:])
+        if self.input_shape is None: self.input_shape = shape
+        elif shape != self.input_shape:
+            raise InputError(f"the MLP was built for input_shape {self.input_shape} ({math.prod(self.input_shape)} values), "
+                             f"got images of shape {shape} ({math.prod(shape)} values): "
+                             "build it with get_model(..., input_shape=...) for these images")
+        return super().forward(x)
+
+# %% ../nbs/03_models.ipynb #f55bda28
 def mlp_body(in_channels: int = 1, # input channels (must agree with input_shape)
              input_shape: Sequence[int] | None = None, # (C, H, W) of one example; None: infer at the first call
              hidden: Sequence[int] = (1024, 1024), # widths of the hidden layers; the last is n
@@ -180,7 +199,7 @@ def mlp_body(in_channels: int = 1, # input channels (must agree with input_shape
         if len(input_shape) != 3 or input_shape[0] != in_channels:
             raise InputError(f"input_shape must be (C, H, W) with C == in_channels={in_channels}, got {input_shape}")
     first = nn.Linear(math.prod(input_shape), hidden[0]) if input_shape else nn.LazyLinear(hidden[0])
-    layers = [nn.Flatten(), first, nn.ReLU(inplace=True)]
+    layers = [CheckedFlatten(input_shape), first, nn.ReLU(inplace=True)]
     for a, b in zip(hidden, hidden[1:]): layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers), hidden[-1]
 
