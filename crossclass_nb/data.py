@@ -512,7 +512,7 @@ DATASET_STATS = {
 
 # %% ../nbs/01_data.ipynb #b52926ff
 def _class_counts(ds: Dataset, what: str) -> np.ndarray:
-    if len(ds) == 0: raise InputError(f"{what}: the dataset is empty")
+    if len(ds) == 0: raise InputError(f"{what}: the dataset is empty: pass a dataset with at least one example (check the subset or filter that produced it)")
     return np.bincount(ds.y.cpu().numpy(), minlength=ds.num_classes)
 
 def stratified_subset(ds: Dataset, # the dataset to draw from
@@ -559,7 +559,7 @@ def make_dataloader(ds: Dataset, # the data
                     seed: int = 0, # seed of the shuffling generator
                    ) -> torch.utils.data.DataLoader:
     "A standard `torch.utils.data.DataLoader` over the dataset's tensors, with a seeded shuffle."
-    if len(ds) == 0: raise InputError("the dataset is empty: nothing to load")
+    if len(ds) == 0: raise InputError("the dataset is empty, nothing to load: pass a dataset with at least one example")
     batch_size, num_workers = _check_int(batch_size, "batch_size"), _check_int(num_workers, "num_workers", 0)
     g = torch.Generator().manual_seed(_check_int(seed, "seed", 0))
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ds.x, ds.y), batch_size=batch_size,
@@ -617,7 +617,7 @@ class TensorLoader:
                  drop_last: bool = False, # skip the last incomplete batch
                  rank: int = 0, world_size: int = 1, # this process's share for distributed training
                 ):
-        if len(ds) == 0: raise InputError("the dataset is empty: nothing to load")
+        if len(ds) == 0: raise InputError("the dataset is empty, nothing to load: pass a dataset with at least one example")
         self.batch_size, self.seed = _check_int(batch_size, "batch_size"), _check_int(seed, "seed", 0)
         self.world_size, self.rank = _check_int(world_size, "world_size"), _check_int(rank, "rank", 0)
         if self.rank >= self.world_size: raise InputError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
