@@ -129,3 +129,19 @@ def test_divergence_is_caught(tmp_path):
     with pytest.raises(CrossclassError, match="diverged"):
         train(get_config("fmnist-tiny", loss="standard", lr=1e12, momentum=0.0, **TINY), tmp_path / "nan")
     assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def test_resume_is_exact_for_distillation_and_trades(tmp_path):
+    "The EMA teacher, TRADES and label smoothing all survive a restart bit for bit (in-process: stop after 2 of 3 epochs)."
+    cfg = get_config("fmnist-tiny", loss="trades", kd="ema", kd_decay=0.9, label_smoothing=0.1, steps=2, figures=False,
+                     train_size=100, cas_every=2)
+    train(cfg, tmp_path / "straight")
+    train(get_config("fmnist-tiny", **{**cfg.to_dict(), "epochs": 2}), tmp_path / "cut")
+    train(cfg, tmp_path / "cut", resume=True)
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k in a["model"]: assert torch.equal(a["model"][k], b["model"][k]), k
+    ta, tb = a["callbacks"]["DistillCB"]["teacher"], b["callbacks"]["DistillCB"]["teacher"]
+    for k in ta: assert torch.equal(ta[k], tb[k]), k
+    ma, mb = load_metrics(tmp_path / "straight"), load_metrics(tmp_path / "cut")
+    assert [r["cas"] for r in ma][1:] == [r["cas"] for r in mb][1:] and ma[-1]["kd_weight"] == 0.8
+    assert ma[0]["cas"] != ma[0]["cas"] and set(ma[0]) == set(ma[1])     # not measured at epoch 1: NaN, same columns
