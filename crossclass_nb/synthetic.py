@@ -580,8 +580,16 @@ def sweep(eps, # 1-d grid of radii (one classifier each)
           epochs: int = 120, # gradient steps
           n_test: int = 6000, # test examples for accuracy and CAS
           seed: int = 0, # training data seed (the test data use seed + 1)
+          threads: int | None = 1, # torch intra-op threads while it runs (restored after); None: leave as is
          ) -> dict:
     "Train one linear classifier per radius and measure it: a dict of tensors `eps, W, w, robust_acc, cas`."
+    if threads is None: return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)   # the tensors are tiny: extra threads only add synchronisation (25x slower seen on 2 busy cores)
+    try: return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
+    finally: torch.set_num_threads(before)
+
+def _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed):
     eps = torch.as_tensor(eps, dtype=torch.float32).reshape(-1)
     x, y = sample(n, mu, sigma, seed=seed)                      # float32: half the cost, same results to 1e-6
     P = train_linear(x, y, eps, lam, alpha, loss, model, attack, norm, epochs, seed=seed)
@@ -618,9 +626,11 @@ def plot_weights(mu=1.0, sigma=1.0, lam=1.0, # the model
         lab = "hard" if al == 0 else rf"LS $\alpha$={al:g}"
         ax.plot(e_, w1, ls, c="C0", label=rf"$w_1$ {lab}")
         ax.plot(e_, w2, ls, c="C3", label=rf"$w_2$ {lab}")
-    ax.axvline(eps0(mu, sigma), c="k", lw=0.8, ls=":"); ax.text(eps0(mu, sigma), ax.get_ylim()[1] * 0.92, r" $\varepsilon_0$")
-    if alpha > 0:
-        ax.axvline(eps1(alpha, mu, sigma), c="C2", lw=0.8, ls=":"); ax.text(eps1(alpha, mu, sigma), ax.get_ylim()[1] * 0.82, r" $\varepsilon_1$", color="C2")
+    at_bottom = ax.get_xaxis_transform()
+    ax.axvline(eps0(mu, sigma), c="k", lw=0.8, ls=":"); ax.text(eps0(mu, sigma), 0.03, r" $\varepsilon_0$", transform=at_bottom)
+    if alpha > 0 and model == "two_weight":
+        e1 = eps1(alpha, mu, sigma)
+        ax.axvline(e1, c="C2", lw=0.8, ls=":"); ax.text(e1, 0.03, r" $\varepsilon_1$", color="C2", transform=at_bottom)
     if eps is not None: ax.axvline(eps, c="C1", lw=1.5, alpha=0.6)
     for i, s in enumerate(sims or []):
         mk = "os^vD"[i % 5]
@@ -628,7 +638,7 @@ def plot_weights(mu=1.0, sigma=1.0, lam=1.0, # the model
         ax.plot(s["eps"], s["w"][:, 0], mk, c="C0", mfc="none", ms=6, label=f"{lab}: $w_1$")
         ax.plot(s["eps"], s["w"][:, 1], mk, c="C3", mfc="none", ms=6, label=f"{lab}: $w_2$")
     ax.set(xlabel=r"$\varepsilon$ (l$_\infty$)", ylabel="weight", title="two-weight model" if model == "two_weight" else "unconstrained W: $a-b$, $d-c$")
-    ax.legend(fontsize=6.5, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, loc="upper right")
     return ax
 
 def plot_cas(mu=1.0, sigma=1.0, lam=1.0, # the model
@@ -637,17 +647,18 @@ def plot_cas(mu=1.0, sigma=1.0, lam=1.0, # the model
              ax=None, # matplotlib axes (a new figure if None)
              eps=None, # a radius to mark
             ):
-    "Expected CAS of the optimal two-weight classifier against eps (lines) and of trained linear models (dots)."
+    "Expected CAS of the optimal two-weight classifier against eps (lines) and CAS of trained linear models (dots, colours C0, C1, ... in order)."
     if ax is None: _, ax = plt.subplots(figsize=(5, 3.6))
     es = _theory_grid(mu, lam)[:-1]
     for al, ls in ((0.0, "-"), (alpha, "--")):
         w1, w2 = optimal_weights(es, mu, sigma, lam, al)
-        ax.plot(es, expected_cas(weight_matrix(w1, w2), es, mu), ls, c="C4", label="theory, " + ("hard" if al == 0 else rf"LS $\alpha$={al:g}"))
+        ax.plot(es, expected_cas(weight_matrix(w1, w2), es, mu), ls, c="C0" if al == 0 else "C1",
+                label="theory, two-weight, " + ("hard" if al == 0 else rf"LS $\alpha$={al:g}"))
     ax.axvline(eps0(mu, sigma), c="k", lw=0.8, ls=":")
     if eps is not None: ax.axvline(eps, c="C1", lw=1.5, alpha=0.6)
     for i, s in enumerate(sims or []):
         st = s["settings"]
-        ax.plot(s["eps"], s["cas"], "os^vDP<>"[i % 8], mfc="none", label=f"{st['model']}, {st['loss']}, " + ("hard" if st["alpha"] == 0 else f"LS {st['alpha']:g}"))
+        ax.plot(s["eps"], s["cas"], "os^vDP<>"[i % 8], c=f"C{i % 10}", mfc="none", label=f"{st['model']}, {st['loss']}, " + ("hard" if st["alpha"] == 0 else f"LS {st['alpha']:g}"))
     ax.set(xlabel=r"$\varepsilon$", ylabel="CAS (max 6)", title="cross-class attribution similarity")
     ax.legend(fontsize=6.5)
     return ax
