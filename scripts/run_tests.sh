@@ -8,7 +8,7 @@ export PATH="$PWD/$BIN:$PATH" MPLBACKEND=Agg PYTHONHASHSEED=0
 
 echo "== notebooks clean and library exported?"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-cp -r settings.ini nbs crossclass_nb "$tmp"/
+cp -a settings.ini _quarto.yml nbs crossclass_nb "$tmp"/
 (cd "$tmp" && nbdev_export >/dev/null && nbdev_clean >/dev/null)
 if ! diff -r -q -x __pycache__ -x '*.pyc' nbs "$tmp/nbs" || ! diff -r -q -x __pycache__ -x '*.pyc' crossclass_nb "$tmp/crossclass_nb"; then
   echo "FAILED: run 'nbdev_export && nbdev_clean' and commit the result"; exit 1
