@@ -13,7 +13,7 @@ import torch
 from crossclass_nb.training import get_config, load_checkpoint, load_metrics, train
 
 # tiny and quick, but long enough (several epochs, a checkpoint per epoch) for kills to land in different places
-CFG = get_config("fmnist-tiny", epochs=6, save_every=2, figures=False, train_size=200, test_size=100, val_size=100)
+CFG = get_config("fmnist-tiny", epochs=8, save_every=2, figures=False, train_size=400, test_size=100, val_size=100)
 
 SCRIPT = """
 import sys
@@ -52,6 +52,8 @@ def _same_run(a: Path, b: Path):
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     ref = train(CFG, tmp_path / "ref", quiet=True)          # the uninterrupted run, in this process
+    # kill delays scale with this machine's speed: about one epoch (training, evaluation, checkpoint writes)
+    per_epoch = 1.5 * sum(r["time_train"] + r["time_eval"] for r in load_metrics(ref)) / CFG.epochs
     cfg_path = tmp_path / "cfg.json"; CFG.to_json(cfg_path)
     run = tmp_path / "killed"
     rng = random.Random(1234)
@@ -61,8 +63,8 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         p = _start(cfg_path, run)
         deadline = time.time() + 120
         start_epochs = _epochs_done(run)
-        while _epochs_done(run) <= start_epochs and p.poll() is None and time.time() < deadline: time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.6))
+        while _epochs_done(run) <= start_epochs and p.poll() is None and time.time() < deadline: time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.8 * per_epoch))
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL); kills += 1
         p.wait(timeout=60)
