@@ -1,0 +1,183 @@
+"""The experiments module without training: verdicts from numbers, run summaries, light copies, the report and the
+`reproduce` command's refusals. The study directories here are written with the trainer's own file writers
+(`TrainConfig.to_json`, `write_metrics`), with made-up metrics whose answers are known."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy.stats import spearmanr
+
+from crossclass_nb.core import InputError, RunDirError
+from crossclass_nb.experiments import (CLAIMS, METHODS, SOFT_METHODS, VERDICTS, RunSpec, Study, Table, evaluate_claims,
+                                       fmnist_config, fmnist_study, get_study, make_light, make_study, overfits, parse_seeds,
+                                       run_study, run_summary, sign_verdict, spearman, study_summary, write_report)
+from crossclass_nb.training import write_metrics
+
+CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def fake_run(run_dir: Path, cfg, rob, cas, best_epoch):
+    "A run directory with the given per-epoch test robust accuracy and CAS (fractions / CAS units)."
+    run_dir.mkdir(parents=True)
+    cfg.to_json(run_dir / "config.json")
+    rows = []
+    for e, (a, c) in enumerate(zip(rob, cas), 1):
+        rows.append({"epoch": e, "train_loss": 2.0 / e, "train_robust_acc": min(1.0, 0.3 + 0.05 * e), "test_robust_acc": a,
+                     "test_clean_acc": a + 0.2, "val_robust_acc": a, "test_robust_loss": 1.0 + 0.1 * e, "cas": c,
+                     "time_train": 1.0, "time_eval": 0.5, "best_epoch": min(e, best_epoch)})
+        off = c / 90
+        C = [[1.0 if i == j else off for j in range(10)] for i in range(10)]
+        (run_dir / "cas").mkdir(exist_ok=True)
+        (run_dir / "cas" / f"epoch_{e:03d}.json").write_text(json.dumps(
+            {"epoch": e, "C": C, "cas": c, "per_class_acc": [a] * 10, "accuracy": a, "settings": {"classes": CLASSES}}))
+    write_metrics(run_dir, rows)
+    (run_dir / "last.pt").write_bytes(b"not a real checkpoint")
+
+
+def paper_like_study(out: Path, seeds=(0, 1)) -> Study:
+    "A study directory shaped like the paper's story: a peak at epoch 12 of 20, then overfitting and CAS falling."
+    study = make_study("fake", fmnist_config("quick", epochs=20, milestones=[10, 15]), seeds, tuple(METHODS), (0.05, 0.2),
+                       "made-up runs for tests", None)
+    (out / "runs").mkdir(parents=True)
+    for s in study.runs:
+        k = {"at": 1.0, "std": 0.2}.get(s.method, 0.3) * (s.eps / 0.1)          # how much the run forgets and overfits
+        top = 0.5 + 0.01 * s.seed
+        rob = [top * min(e, 12) / 12 - (0.004 * k * (e - 12) if e > 12 else 0) for e in range(1, 21)]
+        cas = [10 + min(e, 12) - (1.0 * k * (e - 12) if e > 12 else 0) + (10 if s.method != "std" else 0) for e in range(1, 21)]
+        fake_run(out / "runs" / s.name, s.config, rob, cas, best_epoch=12)
+    (out / "study.json").write_text(json.dumps(study.to_dict()))
+    return study
+
+
+def test_spearman_matches_scipy():
+    import numpy as np
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a, b = rng.integers(0, 5, 12), rng.normal(size=12)   # many ties in a
+        assert math.isclose(spearman(a, b), spearmanr(a, b).statistic, abs_tol=1e-12)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(InputError): spearman([1, 2, 3], [1, 2])
+
+
+def test_verdict_rules():
+    assert sign_verdict([2, 3], 1) == "reproduced"
+    assert sign_verdict([0.5, 0.6], 1) == "partly"
+    assert sign_verdict([5, -1], 1) == "partly"
+    assert sign_verdict([-5, 1], 1) == "not reproduced"
+    assert sign_verdict([float("nan")], 1) == "not testable here"
+    assert overfits([1.2, 0.9]) and not overfits([3.0, -0.1]) and not overfits([0.5, 0.5])
+
+
+def test_run_summary_reads_the_run(tmp_path):
+    paper_like_study(tmp_path)
+    s = run_summary(tmp_path / "runs/at_eps0.1_s0")
+    assert (s["early_epoch"], s["best_epoch"], s["last_epoch"]) == (7, 12, 20)
+    assert math.isclose(s["rob_best"], 50.0) and math.isclose(s["gap"], 50.0 - (50.0 - 0.4 * 8))
+    assert math.isclose(s["cas_best"], 32.0) and math.isclose(s["dcas"], 8.0)
+    assert s["rho_rise"] == pytest.approx(1.0) and s["rho_fall"] == pytest.approx(-1.0)
+    assert s["train_rob_last"] == pytest.approx(100.0)
+
+
+def test_claims_from_a_paper_like_study(tmp_path):
+    study = paper_like_study(tmp_path)
+    claims = evaluate_claims(study_summary(tmp_path), study.main_eps)
+    got = {c["id"]: c["verdict"] for c in claims}
+    assert [c["id"] for c in claims] == [c["id"] for c in CLAIMS]
+    assert got == {"1": "reproduced", "2": "reproduced", "3": "reproduced", "4": "reproduced", "5": "reproduced",
+                   "6": "reproduced", "S": "reproduced"}
+    assert all(c["seeds"] == 2 and c["criterion"] and c["measured"] for c in claims)
+
+
+def test_claims_without_overfitting():
+    "No setting overfits: claims 1, 3 and 6 cannot be tested; flat CAS is no evidence for the others."
+    rows = [dict(method=m, seed=s, eps=e, gap=0.2 * (-1) ** s, dcas=0.1, rho_rise=-0.7, rho_fall=0.2, cas_last=10.0,
+                 cas_best=10.0, cas_early=12.0, cas_max=15.0, early_epoch=7, best_epoch=12, cas_max_epoch=2, train_rob_last=60.0)
+            for m in ("at", *SOFT_METHODS, "std") for s in (0, 1, 2) for e in ((0.05, 0.1, 0.2) if m == "at" else (0.1,))]
+    got = {c["id"]: c["verdict"] for c in evaluate_claims(rows, 0.1)}
+    assert got == {"1": "not testable here", "2": "not reproduced", "3": "not testable here", "4": "not reproduced",
+                   "5": "not reproduced", "6": "not testable here", "S": "not reproduced"}
+    assert set(got.values()) <= set(VERDICTS)
+
+
+def test_soft_labels_keep_cas_without_overfitting_is_only_partly():
+    rows = [dict(method=m, seed=s, eps=0.1, gap=0.1, dcas=0.0, rho_rise=0.1, rho_fall=0.0, cas_last=20.0 if m != "at" else 10.0,
+                 cas_best=20.0, cas_early=12.0, cas_max=20.0, early_epoch=7, best_epoch=12, cas_max_epoch=2, train_rob_last=60.0)
+            for m in ("at", "kd_ema") for s in (0, 1)]
+    assert {c["id"]: c["verdict"] for c in evaluate_claims(rows, 0.1)}["5"] == "partly"
+
+
+def test_light_copy_keeps_what_the_analysis_needs(tmp_path):
+    paper_like_study(tmp_path)
+    before = json.dumps(study_summary(tmp_path))
+    assert make_light(tmp_path) > 0
+    assert not list(tmp_path.glob("runs/*/*.pt"))
+    assert sorted(p.name for p in (tmp_path / "runs/at_eps0.1_s0/cas").iterdir()) == ["epoch_007.json", "epoch_012.json", "epoch_020.json"]
+    assert json.dumps(study_summary(tmp_path)) == before
+
+
+def test_report_is_self_contained(tmp_path):
+    paper_like_study(tmp_path)
+    doc = write_report(tmp_path, {"command": "test"}).read_text()
+    srcs, hrefs = (re.findall(rf"""{a}\s*=\s*['"]([^'"]*)""", doc) for a in ("src", "href"))
+    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs) and hrefs == ["data:,"]
+    assert "<script" not in doc and "url(" not in doc and "http://" not in doc and "https://" not in doc
+    assert doc.count("class='v-reproduced'") == 7
+    for f in ("summary.csv", "summary.json", "claims.csv", "claims.json"): assert (tmp_path / f).is_file()
+    assert json.loads((tmp_path / "claims.json").read_text())[0]["verdict"] == "reproduced"
+
+
+def test_study_directory_is_never_clobbered(tmp_path):
+    study = fmnist_study("quick", seeds=(0,), methods=("at",), sweep_eps=())
+    (tmp_path / "mine").mkdir(); (tmp_path / "mine/notes.txt").write_text("x")
+    with pytest.raises(RunDirError, match="holds no study"): run_study(study, tmp_path / "mine")
+    paper_like_study(tmp_path / "s")
+    with pytest.raises(RunDirError, match="already holds a study"): run_study(study, tmp_path / "s")
+    with pytest.raises(RunDirError, match="holds another study"): run_study(study, tmp_path / "s", resume=True)
+    with pytest.raises(InputError, match="exclude each other"): run_study(study, tmp_path / "s", resume=True, overwrite=True)
+    assert (tmp_path / "mine/notes.txt").read_text() == "x"
+
+
+def test_presets_and_seeds():
+    assert len(get_study("fmnist-cpu").runs) == 14 and len(get_study("fmnist-cpu", seeds=(0, 1, 2)).runs) == 21
+    kd = [r for r in get_study("fmnist-cpu").runs if r.method == "kd_at"]
+    assert [r.teacher for r in kd] == ["at_eps0.1_s0", "at_eps0.1_s1"]
+    assert parse_seeds("3") == (0, 1, 2) and parse_seeds("1,5") == (1, 5)
+    with pytest.raises(InputError): parse_seeds("-1")
+    assert RunSpec.from_dict(kd[0].to_dict()) == kd[0]
+
+
+def test_table_renders():
+    t = Table([{"x": 1.23456, "y": None}], title="t")
+    assert "1.23" in repr(t) and "–" in repr(t) and "<caption>t</caption>" in t._repr_html_()
+
+
+@pytest.mark.parametrize("args,msg", [(["--seeds", "two"], "number of seeds"), (["--methods", "at,mixup"], "unknown method"),
+                                      (["--quick", "--preset", "cifar10-paper"], "exclude each other"), (["--jobs", "0"], "at least 1")])
+def test_cli_rejects_bad_input_in_one_line(tmp_path, args, msg):
+    out = tmp_path / "out"
+    r = subprocess.run([*CROSSCLASS, "reproduce", "--out", str(out), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cifar_recipe_runs_on_a_fake_cifar(tmp_path):
+    "The GPU preset's path (CIFAR in torchvision's format from --data, eps in /255, PreAct/CNN models) on a tiny fake CIFAR."
+    from crossclass_nb.data import make_fake_cifar
+    from crossclass_nb.experiments import paper_study
+    make_fake_cifar(tmp_path / "data", "cifar10", n_train=200, n_test=60)
+    study = paper_study("cifar10", methods=("at", "std"), epochs=2, milestones=[1], model="small_cnn", val_size=50,
+                        test_size=None, steps=1, eval_steps=1, amp="none", batch_size=50, eval_batch_size=60, num_threads=1)
+    assert [r.name for r in study.runs] == ["at_eps8_s0", "std_eps8_s0"]
+    run_study(study, tmp_path / "study", data_root=str(tmp_path / "data"), quiet=True)
+    assert json.loads((tmp_path / "study/runs/at_eps8_s0/config.json").read_text())["data_root"] == str(tmp_path / "data")
+    report = write_report(tmp_path / "study", {})
+    doc = report.read_text()
+    assert "cifar10-paper" in doc and "CIFAR-10, PreActResNet-18" in doc and "airplane" in (tmp_path / "study/runs/at_eps8_s0/cas/epoch_002.json").read_text()

@@ -1,0 +1,105 @@
+"""`crossclass reproduce --quick` end to end: it trains the tiny study in a subprocess, prints its output directory,
+writes the report and the CSV/JSON behind it, and the report renders in Chromium (served on 127.0.0.1 by the test)
+with every image loaded and no request leaving the machine."""
+import csv
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from crossclass_nb.experiments import CLAIMS, VERDICTS, get_study
+
+# the command as a user runs it: not quiet (the trainer and the study go quiet when they see PYTEST_CURRENT_TEST)
+ENV = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"} | {"MPLBACKEND": "Agg"}
+CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    "One `crossclass reproduce --quick` run: (output directory, completed process, wall seconds)."
+    out = tmp_path_factory.mktemp("reproduce") / "quick"
+    t0 = time.perf_counter()
+    r = subprocess.run([*CROSSCLASS, "reproduce", "--quick", "--out", str(out)], capture_output=True, text=True,
+                       timeout=900, env=ENV)
+    return out, r, time.perf_counter() - t0
+
+
+def test_quick_run_writes_everything(quick):
+    out, r, seconds = quick
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"output directory {out}" in r.stdout.splitlines()[0]       # printed before any training
+    assert f"report: {out / 'report.html'}" in r.stdout
+    assert "100.00% [" in r.stdout and "finished at_eps0.1_s0" in r.stdout          # the progress bar and a line per run
+    study = get_study("fmnist-quick")
+    for s in study.runs:
+        for f in ("config.json", "metrics.csv", "metrics.jsonl", "best.pt", "last.pt"): assert (out / "runs" / s.name / f).is_file()
+        assert len(list((out / "runs" / s.name / "cas").glob("epoch_*.json"))) == s.config.epochs
+    with open(out / "summary.csv") as f: assert len(list(csv.DictReader(f))) == len(study.runs)
+    claims = json.loads((out / "claims.json").read_text())
+    assert [c["id"] for c in claims] == [c["id"] for c in CLAIMS] and all(c["verdict"] in VERDICTS for c in claims)
+    for c in claims: assert f"  {c['id']}: {c['verdict']}" in r.stdout
+    t = json.loads((out / "timings.json").read_text())
+    assert t["runs trained now"] == len(study.runs) and t["total seconds (this invocation)"] <= seconds
+    print(f"crossclass reproduce --quick: {seconds:.0f} s wall ({t['training seconds (this invocation)']:.0f} s training)")
+
+
+def test_a_second_run_refuses_and_resume_trains_nothing(quick):
+    out, r, _ = quick
+    assert r.returncode == 0
+    again = subprocess.run([*CROSSCLASS, "reproduce", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a study" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run([*CROSSCLASS, "reproduce", "--quick", "--out", str(out), "--resume"], capture_output=True,
+                             text=True, timeout=600, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "timings.json").read_text())["runs trained now"] == 0
+    assert "0 to train" in resumed.stdout
+
+
+def test_report_renders_offline_in_chromium(quick):
+    out, r, _ = quick
+    assert r.returncode == 0
+    if not Path(CHROMIUM).exists():
+        why = f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)"
+        if os.environ.get("CI"): raise RuntimeError(why)
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            requests, errors = [], []
+            page.on("request", lambda req: requests.append(req.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            resp = page.goto(base + "report.html", wait_until="load")
+            assert resp is not None and resp.status == 200
+            images = page.evaluate("""() => Array.from(document.images).map(i => ({
+                ok: i.complete && i.naturalWidth > 0 && i.naturalHeight > 0, src: i.src.slice(0, 22), w: i.naturalWidth}))""")
+            verdicts = page.locator("table.claims tbody tr td:nth-child(3)").all_inner_texts()
+            title = page.locator("h1").inner_text()
+            browser.close()
+    finally:
+        server.shutdown(); server.server_close()
+    assert len(images) == 5 and all(i["ok"] and i["src"] == "data:image/png;base64," and i["w"] > 300 for i in images), images
+    assert [v.strip() for v in verdicts] == [c["verdict"] for c in json.loads((out / "claims.json").read_text())]
+    assert "fmnist-quick" in title
+    outside = [u for u in requests if not (u.startswith(base) or u.startswith("data:"))]
+    assert not outside, outside
+    assert not errors, errors
