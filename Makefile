@@ -17,7 +17,7 @@ $(STAMP): setup.py settings.ini
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/crossclass demo
+	$(BIN)/crossclass reproduce
 
 docs: setup
 	$(BIN)/python scripts/build_docs.py
