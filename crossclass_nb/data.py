@@ -251,8 +251,8 @@ def _load_fashion(train: bool, root, download: bool) -> Dataset:
             raise DataError(f"Fashion-MNIST ({'train' if train else 'test'} split) not found. Looked in: "
                             + "; ".join(looked) + ". Fix: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
                             "or put the four original IDX files in a directory DIR and pass root=DIR "
-                            "(command line: --data DIR, or set CROSSCLASS_DATA=DIR), or pass download=True "
-                            "(command line: --download; needs internet)")
+                            "(command line: --data-root DIR, or set CROSSCLASS_DATA=DIR), or pass download=True "
+                            "(from Python; needs internet)")
         d = _download_dir(root)
         try:
             from torchvision.datasets import FashionMNIST
@@ -371,12 +371,12 @@ def _load_cifar(name: str, train: bool, root, download: bool) -> Dataset:
         except Exception as e:
             raise DataError(f"downloading {spec['title']} into {d} failed ({type(e).__name__}: {e}): check the internet "
                             f"connection, or download {spec['url']} elsewhere, extract it into a directory DIR and pass "
-                            "root=DIR (command line: --data DIR)") from None
+                            "root=DIR (command line: --data-root DIR)") from None
         folder, looked = _find_cifar(spec, d)
     if folder is None:
         raise DataError(f"{spec['title']} not found. Looked in: {'; '.join(looked)}. Fix: download {spec['url']}, "
                         f"extract it into a directory DIR (giving DIR/{spec['folder']}/) and pass root=DIR (command line: "
-                        "--data DIR, or set CROSSCLASS_DATA=DIR), or pass download=True (command line: --download; needs internet)")
+                        "--data-root DIR, --data DIR for reproduce, or set CROSSCLASS_DATA=DIR), or pass download=True (from Python; needs internet)")
     fix = f"extract {spec['url']} again (or delete {folder} and use download=True)"
     meta = safe_unpickle(folder/spec["meta"][0], fix)
     classes = _key(meta, spec["meta"][1]) if isinstance(meta, dict) else None

@@ -132,7 +132,7 @@ def test_missing_everywhere_says_where_and_how(tmp_path, no_system_data, monkeyp
     msg = str(e.value)
     for part in [f"root {tmp_path/'root'}: no train-images-idx3-ubyte(.gz)", f"$CROSSCLASS_DATA {tmp_path/'env-dir'}: no such directory",
                  f"Debian package {tmp_path/'not-installed'}: no such directory", "apt-get install dataset-fashion-mnist",
-                 "--data DIR", "download=True"]:
+                 "--data-root DIR", "download=True"]:
         assert part in msg
     assert snapshot(tmp_path) == before
 
@@ -292,7 +292,7 @@ def test_cifar_missing(tmp_path, monkeypatch):
         load_dataset("cifar10", root=tmp_path)
     msg = str(e.value)
     assert f"root {tmp_path}: no cifar-10-batches-py/" in msg and "$CROSSCLASS_DATA: not set" in msg
-    assert "cifar-10-python.tar.gz" in msg and "--data DIR" in msg and "download=True" in msg
+    assert "cifar-10-python.tar.gz" in msg and "--data-root DIR" in msg and "download=True" in msg
     assert snapshot(tmp_path) == before
     with pytest.raises(DataError, match="CIFAR-100 not found.*root: not set"):
         load_dataset("cifar100")
