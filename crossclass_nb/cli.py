@@ -173,17 +173,21 @@ def _run_train(args):
     return 0
 
 # %% ../nbs/09_cli.ipynb #e3f2b23d
+def _add_test_data_options(p):
+    "The options `eval` and `cas` share: which test examples, which attack, where to compute."
+    p.add_argument("--n", type=int, default=1000, help="class-balanced test examples; 0 for all (default: %(default)s)")
+    p.add_argument("--eps", help="attack radius (default: the run's evaluation eps)")
+    p.add_argument("--steps", type=int, help="PGD steps (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: best available)")
+    p.add_argument("--data-root", metavar="DIR", help="directory of the dataset files (default: the run's)")
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="clean, PGD and AutoAttack accuracy of a checkpoint",
                        description="Evaluate a checkpoint (or a run directory: its best.pt) on the test split.")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint or a run directory")
-    p.add_argument("--n", type=int, default=1000, help="class-balanced test examples; 0 for all (default: %(default)s)")
-    p.add_argument("--eps", help="attack radius (default: the run's evaluation eps)")
-    p.add_argument("--steps", type=int, help="PGD steps (default: the run's)")
     p.add_argument("--autoattack", default="cheap", choices=["standard", "cheap", "none"], help="AutoAttack version (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: best available)")
-    p.add_argument("--data-root", metavar="DIR", help="directory of the dataset files (default: the run's)")
+    _add_test_data_options(p)
     p.add_argument("--out", metavar="DIR", help="write the JSON here instead of next to the checkpoint")
     p.set_defaults(func=_run_eval)
 
@@ -244,13 +248,8 @@ def _add_cas(sub):
                        epilog="example:\n  crossclass cas runs/c10/best.pt runs/c10/last.pt   # heat maps and best-minus-last",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints or run directories (their best.pt)")
-    p.add_argument("--n", type=int, default=1000, help="class-balanced test examples; 0 for all (default: %(default)s)")
-    p.add_argument("--eps", help="attack radius (default: the run's evaluation eps)")
-    p.add_argument("--steps", type=int, help="PGD steps (default: the run's)")
     p.add_argument("--clean", action="store_true", help="attributions of clean instead of adversarial examples")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size (default: %(default)s)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: best available)")
-    p.add_argument("--data-root", metavar="DIR", help="directory of the dataset files (default: the run's)")
+    _add_test_data_options(p)
     p.add_argument("--out", metavar="DIR", help="directory for the files (default: next to the first checkpoint)")
     p.set_defaults(func=_run_cas)
 
