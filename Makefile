@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test docs setup system clean-docs
+.PHONY: demo test docs setup system clean-docs gpu-check
 
 setup: system $(STAMP)
 
@@ -13,7 +13,7 @@ system:
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q -e ".[dev,eval,zoo,cluster,tb]"
 	@touch $(STAMP)
 
 demo: setup
@@ -24,3 +24,6 @@ docs: setup
 
 test: setup
 	@bash scripts/run_tests.sh
+
+gpu-check: setup
+	@bash scripts/gpu_check.sh

@@ -27,7 +27,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=reqs("requirements"),
-    extras_require={"dev": reqs("dev_requirements"), "eval": reqs("eval_requirements")},
+    extras_require={k: reqs(f"{k}_requirements") for k in ("dev", "eval", "zoo", "cluster", "tb")},
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
