@@ -38,8 +38,8 @@ __all__ = ['LOSSES_NAMES', 'PRESETS', 'LOSSES', 'FORMAT_VERSION', 'TrainConfig',
            'standard_loss', 'pgd_at_loss', 'fgsm_rs_loss', 'trades_loss', 'make_loss', 'kd_loss', 'kd_weight_at',
            'ema_update', 'LRSchedule', 'load_checkpoint', 'load_weights', 'build_model', 'load_model', 'RunLock',
            'run_dir_state', 'evaluate', 'Callback', 'CancelFit', 'Trainer', 'ScheduleCB', 'TrainMetricsCB', 'DistillCB',
-           'EvalCB', 'CASCB', 'write_metrics', 'load_metrics', 'CheckpointCB', 'ProgressCB', 'FiguresCB', 'load_splits',
-           'make_trainer', 'train']
+           'EvalCB', 'CASCB', 'write_metrics', 'load_metrics', 'CheckpointCB', 'ProgressCB', 'FiguresCB', 'flip_labels',
+           'load_splits', 'make_trainer', 'train']
 
 # %% ../nbs/06_training.ipynb #5ee5688c
 @dataclass
@@ -53,6 +53,7 @@ class TrainConfig:
     val_size: int = 1000 # validation examples held out of the training split (model selection)
     test_size: int | None = None # class-balanced subset of the test split (None: all of it)
     data_seed: int = 0 # seed of the subsets and the split (kept apart from `seed`, so seeds share data)
+    label_noise: float = 0.0 # fraction of training labels replaced by a different class (seeded by `data_seed`)
     augment: bool = False # random crop (reflect padding) + horizontal flip, done on the device
     pad: int = 4 # crop padding
     # model
@@ -183,7 +184,7 @@ def _validate(self) -> TrainConfig:
     for k in ("train_size", "test_size", "num_threads"):
         if getattr(self, k) is not None and getattr(self, k) < 1: bad(f"{k} must be None or at least 1, got {getattr(self, k)}")
     for k in ("lr", "eps", "alpha", "eval_eps", "eval_alpha", "kd_temperature", "trades_beta", "momentum",
-              "weight_decay", "gamma", "kd_decay", "kd_weight", "label_smoothing"):
+              "weight_decay", "gamma", "kd_decay", "kd_weight", "label_smoothing", "label_noise"):
         v = getattr(self, k)
         if v is not None and not math.isfinite(v): bad(f"{k} must be a finite number, got {v}")
     if self.lr <= 0: bad(f"lr must be > 0, got {self.lr}")
@@ -194,6 +195,7 @@ def _validate(self) -> TrainConfig:
         if getattr(self, k) is not None and getattr(self, k) <= 0: bad(f"{k} must be > 0 (or None for eps/4)")
     if self.loss in ("pgd", "trades") and self.steps < 1: bad(f"steps must be at least 1 for loss={self.loss!r}")
     if not 0 <= self.label_smoothing < 1: bad(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    if not 0 <= self.label_noise < 1: bad(f"label_noise must be in [0, 1), got {self.label_noise}")
     if not 0 <= self.kd_weight <= 1: bad(f"kd_weight must be in [0, 1], got {self.kd_weight}")
     if not 0 < self.kd_decay < 1: bad(f"kd_decay must be in (0, 1), got {self.kd_decay}")
     if self.kd_temperature <= 0: bad(f"kd_temperature must be > 0, got {self.kd_temperature}")
@@ -838,6 +840,20 @@ class FiguresCB(Callback):
         atomic_write(self.out_dir / "figures" / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90, bbox_inches="tight"))
         plt.close(fig)
 
+# %% ../nbs/06_training.ipynb #a1b2c3d4
+def flip_labels(ds, # a `Dataset` (usually the training split)
+                fraction: float, # share of the labels to replace, in [0, 1)
+                seed: int = 0, # which labels, and their new classes
+               ):
+    "A copy of `ds` with `round(fraction * len(ds))` labels each replaced by a uniformly drawn different class."
+    if not 0 <= fraction < 1: raise InputError(f"fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 7])
+    flipped = rng.choice(len(ds), size=round(fraction * len(ds)), replace=False)
+    shift = rng.integers(1, ds.num_classes, size=len(flipped))
+    y = ds.y.clone()
+    y[flipped] = (y[flipped] + torch.from_numpy(shift)) % ds.num_classes
+    return dataclasses.replace(ds, y=y)
+
 # %% ../nbs/06_training.ipynb #16385b11
 def load_splits(cfg: TrainConfig) -> dict:
     "The train, val (None if val_size is 0) and test `Dataset`s of `cfg`."
@@ -853,6 +869,7 @@ def load_splits(cfg: TrainConfig) -> dict:
     if cfg.train_size is not None and cfg.train_size < len(pool): train = stratified_subset(pool, cfg.train_size, seed=cfg.data_seed)
     test = load_dataset(cfg.dataset, train=False, root=cfg.data_root)
     if cfg.test_size is not None and cfg.test_size < len(test): test = stratified_subset(test, cfg.test_size, seed=cfg.data_seed)
+    if cfg.label_noise: train = flip_labels(train, cfg.label_noise, seed=cfg.data_seed)
     return {"train": train, "val": val, "test": test}
 
 # %% ../nbs/06_training.ipynb #82c0822d

@@ -145,3 +145,25 @@ def test_resume_is_exact_for_distillation_and_trades(tmp_path):
     ma, mb = load_metrics(tmp_path / "straight"), load_metrics(tmp_path / "cut")
     assert [r["cas"] for r in ma][1:] == [r["cas"] for r in mb][1:] and ma[-1]["kd_weight"] == 0.8
     assert ma[0]["cas"] != ma[0]["cas"] and set(ma[0]) == set(ma[1])     # not measured at epoch 1: NaN, same columns
+
+
+def test_label_noise_flips_exactly_the_fraction_of_training_labels_only():
+    from crossclass_nb.training import flip_labels, load_splits
+    clean = load_splits(get_config("fmnist-tiny"))
+    noisy = load_splits(get_config("fmnist-tiny", label_noise=0.3, data_seed=5))
+    clean5 = load_splits(get_config("fmnist-tiny", data_seed=5))
+    flipped = noisy["train"].y != clean5["train"].y
+    assert flipped.sum().item() == round(0.3 * len(clean5["train"]))        # exact fraction, never to the same class
+    assert torch.equal(noisy["train"].x, clean5["train"].x)
+    for split in ("val", "test"):                                            # evaluation labels stay clean
+        assert torch.equal(noisy[split].y, clean5[split].y)
+    again = load_splits(get_config("fmnist-tiny", label_noise=0.3, data_seed=5))
+    assert torch.equal(again["train"].y, noisy["train"].y)                   # same seed, same flips
+    other = flip_labels(clean5["train"], 0.3, seed=6)
+    assert not torch.equal(other.y, noisy["train"].y)
+    assert torch.equal(flip_labels(clean["train"], 0.0).y, clean["train"].y)  # 0.0 changes nothing
+    big = flip_labels(clean["train"], 0.99, seed=1)
+    assert (big.y != clean["train"].y).sum().item() == round(0.99 * 300)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(InputError, match="label_noise"):
+            get_config("fmnist-tiny", label_noise=bad)
