@@ -1,20 +1,33 @@
 """Build the docs site into `_docs/`, a site that works with no network.
 
-With Quarto on PATH this is `nbdev_docs`. Without it (Quarto cannot be installed on our machines) it builds the same
-site offline: nbdev's own notebook processing (`_proc/`, with the show_doc output), then the pure-Python renderer
-`smalldocs`. Either way the site is then made self-contained: KaTeX is served from the site itself, external font
-imports are dropped, and links to the published docs become relative links.
+Every page shows the outputs of its notebook run top to bottom. The committed notebooks carry no outputs; this script
+runs each one once (two at a time, each in a fresh process, in its own folder, skipping exactly the cells `nbdev_test`
+skips: `#| eval: false` and the settings' `tst_flags`) through nbdev's own docs processors, with nbdev's
+`exec_show_docs` (which runs only exporting, import and show_doc cells) replaced by a processor that runs them all.
+So the outputs on the site are the ones the current code produces, and hidden cells stay hidden. The executed copies
+land in `_proc/` and are rendered by Quarto when it is on PATH (as `nbdev_docs` does), else by the pure-Python
+`smalldocs`. The site is then made self-contained: KaTeX is served from the site itself, external font imports are
+dropped, and links to the published docs become relative links.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from execnb.nbio import read_nb, write_nb
+from fastcore.basics import str2bool
+from nbdev.config import get_config
+from nbdev.doclinks import nbglob
+from nbdev.processors import FilterDefaults, exec_show_docs
+from nbdev.quarto import refresh_quarto_yml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "_docs"
@@ -24,36 +37,83 @@ FONT_IMPORT = re.compile(r"@import\s+url\(\s*[\"']?https?://[^)]*\)\s*;?")
 EXTERNAL_LOAD = re.compile(r"""(?:\bsrc=["']|<link[^>]*rel=["'](?:stylesheet|preload|modulepreload)["'][^>]*href=["']|url\(\s*["']?|@import\s+["'])(https?:)?//""")
 
 
-def build_with_quarto():
-    "Quarto is here: `nbdev_docs` does it all. It also rewrites README.md, which scripts/make_readme.py owns: keep ours."
-    readme = ROOT / "README.md"
-    kept = readme.read_bytes() if readme.exists() else None
-    try: subprocess.run([str(Path(sys.executable).parent / "nbdev_docs")], cwd=ROOT, check=True)
-    finally:
-        if kept is not None: readme.write_bytes(kept)
+def skipped_by_tests(cell) -> bool:
+    "What `nbdev_test` skips: non-code cells, `nbdev_export()` calls, `#| eval: false`, cells with one of the `tst_flags`."
+    if cell.cell_type != "code" or "nbdev_export(" in cell.source: return True
+    directives = getattr(cell, "directives_", None) or {}
+    if directives.get("eval:", [""])[0].lower() == "false": return True
+    return bool(set(get_config().tst_flags.split()) & directives.keys())
 
 
-def build_offline():
-    "nbdev's notebook processing into `_proc/`, then smalldocs renders `_proc/` into `_docs/`."
-    from nbdev.quarto import refresh_quarto_yml
-    from nbdev.serve import proc_nbs
-    from smalldocs.cli import main as smalldocs
+class run_cells(exec_show_docs):
+    "nbdev's `exec_show_docs`, but running every cell that `nbdev_test` runs (and the show_doc cells nbdev adds), in order."
+    def begin(self):
+        super().begin()
+        if hasattr(self, "k"): self.k.set_path(self.nb.path_)  # as nbdev_test: the notebook's folder on sys.path
 
-    refresh_quarto_yml()  # writes nbs/nbdev.yml: site url, output-dir _docs
-    proc = ROOT / "_proc"
-    if proc.exists():  # a notebook deleted from nbs/ must not keep its page
-        for nb in proc.glob("*.ipynb"):
-            if not (ROOT / "nbs" / nb.name).exists(): nb.unlink()
-    try: proc_nbs(n_workers=0)  # executes the exported, show_doc, import and exec_doc cells; cached by modification time
+    def __call__(self, cell):
+        if str2bool(getattr(self.nb, "frontmatter_", {}).get("skip_exec", False)): return super().__call__(cell)
+        if not hasattr(self, "k") or skipped_by_tests(cell): return
+        self.k.cell(cell)
+        if self.k.exc: raise RuntimeError(f"{Path(self.nb.path_).name}, cell {cell.idx_}:\n{cell.source}") from self.k.exc
+
+
+class ExecutedDocs(FilterDefaults):
+    "nbdev's docs processors with `run_cells` in place of `exec_show_docs`: the page shows every output of a full run."
+    def base_procs(self): return [run_cells if p is exec_show_docs else p for p in super().base_procs()]
+
+
+def execute_notebook(src: Path, dst: Path) -> tuple[str, float, str]:
+    "Process `src` into `dst` with `ExecutedDocs`, run in its own folder as nbdev_test runs it; (name, seconds, error)."
+    os.environ["IN_TEST"] = "1"
+    os.chdir(src.parent)
+    sys.path.insert(0, str(ROOT))
+    start = time.time()
+    try:
+        nb = read_nb(src)
+        ExecutedDocs()(nb)
+        write_nb(nb, dst)
+        return src.name, time.time() - start, ""
     except Exception:
-        print("\nbuild_docs: nbdev's docs processing failed in the notebook named below. It runs every cell that exports,\n"
-              "calls show_doc, has #| exec_doc, or contains an import: keep imports in cells of their own.\n", file=sys.stderr)
-        raise
+        return src.name, time.time() - start, traceback.format_exc()
+
+
+def copy_site_files(proc: Path):
+    "Everything in nbs/ that the site needs besides the notebooks (`_quarto.yml`, `nbdev.yml`, pictures), as nbdev does."
+    nbs = get_config().nbs_path
+    files = nbglob(nbs, func=Path, file_glob="", skip_file_re=r"^[_.]|\.ipynb$")
+    for f in files + [nbs / n for n in ("_quarto.yml", "_brand.yml") if (nbs / n).exists()]:
+        (proc / f.relative_to(nbs)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, proc / f.relative_to(nbs))
+
+
+def process_notebooks(only: list[Path], n_workers: int = 2) -> Path:
+    "Execute the notebooks into `_proc/` (all of them, or `only` these, keeping the other pages of the last build)."
+    refresh_quarto_yml()  # writes nbs/nbdev.yml: site url, output-dir _docs
+    proc, nbs = ROOT / "_proc", get_config().nbs_path
+    if not only or not proc.exists(): shutil.rmtree(proc, ignore_errors=True)
+    proc.mkdir(exist_ok=True)
+    copy_site_files(proc)
+    todo = [nb.resolve() for nb in only] or sorted(nbglob(nbs, func=Path))
+    with multiprocessing.get_context("spawn").Pool(min(n_workers, len(todo)), maxtasksperchild=1) as pool:
+        results = pool.starmap(execute_notebook, [(nb, proc / nb.name) for nb in todo], chunksize=1)
+    print("executed: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds, _ in results))
+    failed = [(name, error) for name, _, error in results if error]
+    for name, error in failed: print(f"\n{name} failed:\n{error}", file=sys.stderr)
+    if failed: sys.exit(f"build_docs: {len(failed)} notebook(s) failed to run: {', '.join(n for n, _ in failed)}")
+    return proc
+
+
+def render(proc: Path):
+    "Render `_proc/` into `_docs/`: with Quarto when it is on PATH (as nbdev_docs does), else with smalldocs."
     shutil.rmtree(proc / "_docs", ignore_errors=True)
-    if smalldocs(["render", str(proc), "--quiet"]) != 0: sys.exit("smalldocs could not render _proc/")
+    if shutil.which("quarto"): subprocess.run(["quarto", "render", "--no-cache"], cwd=proc, check=True)
+    else:
+        from smalldocs.cli import main as smalldocs
+        if smalldocs(["render", str(proc), "--quiet"]) != 0: sys.exit("smalldocs could not render _proc/")
     shutil.rmtree(DOCS, ignore_errors=True)
     shutil.move(proc / "_docs", DOCS)
-    name_pages_as_nbdev(proc)
+    if not shutil.which("quarto"): name_pages_as_nbdev(proc)
 
 
 def output_file(nb: Path) -> str | None:
@@ -94,7 +154,6 @@ def katex_dist() -> Path:
 
 def make_self_contained():
     "KaTeX from the site itself, no external font imports, relative links to our own pages; then check nothing loads from outside."
-    from nbdev.config import get_config
     cfg = get_config()
     published = cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/") + "/"
     dist, libs = katex_dist(), DOCS / "site_libs" / "katex"
@@ -114,15 +173,15 @@ def make_self_contained():
             sys.exit(f"{f.relative_to(ROOT)} still loads from outside the site: {new[m.start():m.end() + 60]!r}")
 
 
-def main():
+def main(argv: list[str]):
+    "`build_docs.py` builds the whole site; `build_docs.py nbs/02_synthetic.ipynb ...` re-runs only those notebooks."
     start = time.time()
     os.chdir(ROOT)
-    if shutil.which("quarto"): build_with_quarto()
-    else: build_offline()
+    render(process_notebooks([Path(a) for a in argv]))
     make_self_contained()
     pages = sorted(p.name for p in DOCS.glob("*.html"))
     print(f"docs site in {DOCS.relative_to(ROOT)}/ ({len(pages)} pages: {', '.join(pages)}) in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
