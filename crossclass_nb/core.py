@@ -5,6 +5,8 @@
 # %% ../nbs/00_core.ipynb #1c031b1d
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import random
 import tempfile
@@ -17,7 +19,7 @@ import torch
 # %% auto #0
 __all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'get_device', 'set_seed',
            'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save', 'atomic_write_text', 'safe_load',
-           'parse_number', 'check_images']
+           'parse_number', 'check_images', 'images_checked']
 
 # %% ../nbs/00_core.ipynb #e6f561e8
 class CrossclassError(Exception):
@@ -39,21 +41,36 @@ class RunDirError(CrossclassError):
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
-def get_device(device: str | torch.device | None = None, # explicit choice, e.g. "cpu", "cuda:1"; wins over everything
-              ) -> torch.device:
-    "The device to compute on: `device`, else `$CROSSCLASS_DEVICE`, else cuda > mps > cpu."
-    choice = device if device is not None else os.environ.get("CROSSCLASS_DEVICE") or None
-    if choice is None:
-        if torch.cuda.is_available(): return torch.device("cuda")
-        return torch.device("mps" if _mps_available() else "cpu")
-    try: dev = torch.device(choice)
+def _parse_device(choice) -> torch.device:
+    try: return torch.device(choice)
     except (RuntimeError, TypeError) as e:
         raise InputError(f"unknown device {choice!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {choice!r} asked for but CUDA is not available here: use device='cpu'")
+
+def _cuda_index(dev: torch.device, env, count: int) -> int:
+    "The GPU of this process: the index asked for (default 0), shifted by torchrun's LOCAL_RANK."
+    local = int(env.get("LOCAL_RANK", "0")) if int(env.get("WORLD_SIZE", "1")) > 1 else 0
+    index = (dev.index or 0) + local
+    if index >= count:
+        raise InputError(f"device {str(dev)!r} on local rank {local} means GPU {index}, but {count} GPU(s) are visible: "
+                         "start fewer processes per node (--nproc_per_node) or ask for a lower index")
+    return index
+
+# %% ../nbs/00_core.ipynb #3522c85g
+def get_device(device: str | torch.device | None = None, # explicit choice, e.g. "cpu", "cuda:1"; wins over everything
+               env: dict | None = None, # environment variables (default: `os.environ`)
+               cuda_count: int | None = None, # visible GPUs (default: asked from torch)
+              ) -> torch.device:
+    "The device to compute on: `device`, else `$CROSSCLASS_DEVICE`, else cuda > mps > cpu; a GPU comes with its index."
+    env = os.environ if env is None else env
+    count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if cuda_count is None else cuda_count
+    choice = device if device is not None else env.get("CROSSCLASS_DEVICE") or None
+    if choice is None: choice = "cuda" if count else ("mps" if _mps_available() else "cpu")
+    dev = _parse_device(choice)
+    if dev.type == "cuda" and not count:
+        raise InputError(f"device {str(choice)!r} asked for but CUDA is not available here: use device='cpu'")
     if dev.type == "mps" and not _mps_available():
-        raise InputError(f"device {choice!r} asked for but MPS is not available here: use device='cpu'")
-    return dev
+        raise InputError(f"device {str(choice)!r} asked for but MPS is not available here: use device='cpu'")
+    return torch.device("cuda", _cuda_index(dev, env, count)) if dev.type == "cuda" else dev
 
 # %% ../nbs/00_core.ipynb #47ab14b6
 def set_seed(seed: int, # the seed for python, numpy and torch (all devices)
@@ -71,16 +88,30 @@ def set_seed(seed: int, # the seed for python, numpy and torch (all devices)
         torch.backends.cudnn.benchmark = False
 
 # %% ../nbs/00_core.ipynb #10ae16c2
-def get_rng_state() -> dict:
+def _index(device) -> int:
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+def get_rng_state(devices=(), # the CUDA devices the run uses (others are not saved)
+                 ) -> dict:
     "The state of every random generator, as plain data a `weights_only` checkpoint can hold."
     py = random.getstate()
     np_state = np.random.get_state()
+    gpus = [_index(d) for d in devices if torch.device(d).type == "cuda"]
     return {"python": [py[0], list(py[1]), py[2]],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": {i: torch.cuda.get_rng_state(i) for i in gpus}}
+
+# %% ../nbs/00_core.ipynb #10ae16c3
+def _cuda_states(saved, devices) -> dict:
+    "Saved GPU states by the index to restore them on (old checkpoints hold a list: one per visible GPU)."
+    if isinstance(saved, (list, tuple)): saved = dict(enumerate(saved[:torch.cuda.device_count()]))
+    if devices is None: return dict(saved)
+    return dict(zip([_index(d) for d in devices if torch.device(d).type == "cuda"], saved.values()))
 
 def set_rng_state(state: dict, # as returned by `get_rng_state`
+                  devices=None, # the CUDA devices to restore the saved GPU states onto, in order (None: the saved ones)
                  ) -> None:
     "Restore every random generator from `get_rng_state`'s output."
     py = state["python"]
@@ -88,9 +119,15 @@ def set_rng_state(state: dict, # as returned by `get_rng_state`
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
+    if not state["cuda"] or not torch.cuda.is_available(): return    # a GPU run continued on the CPU
+    for index, gpu_state in _cuda_states(state["cuda"], devices).items(): torch.cuda.set_rng_state(gpu_state, index)
 
 # %% ../nbs/00_core.ipynb #e8f46e41
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 def atomic_write(path: str | Path, # the file to create or replace
                  write, # a function that writes to an open binary file object
                 ) -> Path:
@@ -98,6 +135,7 @@ def atomic_write(path: str | Path, # the file to create or replace
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -145,6 +183,8 @@ def parse_number(text: str | float, # "8/255", "0.1", "3" or already a number
         raise InputError(f"cannot read {text!r} as a number: write e.g. 0.1 or 8/255") from None
 
 # %% ../nbs/00_core.ipynb #7d7b0c44
+_IMAGES_CHECKED = contextvars.ContextVar("images_checked", default=False)
+
 def check_images(x: torch.Tensor, # a batch of images, N x C x H x W (or N x D for vector data)
                  name: str = "x", # the argument's name, for the message
                 ) -> torch.Tensor:
@@ -153,9 +193,20 @@ def check_images(x: torch.Tensor, # a batch of images, N x C x H x W (or N x D f
     if not x.is_floating_point(): raise InputError(f"{name} must be a float tensor in [0, 1], got {x.dtype}: use x.float()/255")
     if x.dim() < 2: raise InputError(f"{name} must be a batch (N x ...), got shape {tuple(x.shape)}")
     if x.numel() == 0: raise InputError(f"{name} is empty: pass at least one example")
-    if not torch.isfinite(x).all(): raise InputError(f"{name} contains NaN or inf values: check the data pipeline (e.g. torch.nan_to_num, or the file the images came from)")
+    if _IMAGES_CHECKED.get(): return x
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or inf values: check the data pipeline "
+                         "(e.g. torch.nan_to_num, or the file the images came from)")
     lo, hi = x.min().item(), x.max().item()
     if lo < 0 or hi > 1:
         hint = ": divide 0..255 pixels by 255" if hi > 1.5 else ""
         raise InputError(f"{name} must have values in [0, 1], got [{lo:.3g}, {hi:.3g}]{hint}")
     return x
+
+# %% ../nbs/00_core.ipynb #1dbfd499
+@contextlib.contextmanager
+def images_checked():
+    "Within this block `check_images` skips the value checks: the data were validated once already."
+    token = _IMAGES_CHECKED.set(True)
+    try: yield
+    finally: _IMAGES_CHECKED.reset(token)
