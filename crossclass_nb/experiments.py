@@ -31,14 +31,14 @@ from .training import Callback, TrainConfig, get_config, load_metrics, run_dir_s
 # %% auto #0
 __all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER_CIFAR100', 'FMNIST_SCALES', 'STUDY_FILES',
            'EARLY_FRACTION', 'VERDICTS', 'OVERFIT_GAP', 'CAS_MARGIN', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS',
-           'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'OVERFIT_SEARCH', 'method_overrides', 'eps_overrides',
+           'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'REGIME_SEARCH', 'method_overrides', 'eps_overrides',
            'RunSpec', 'Study', 'make_study', 'fmnist_config', 'fmnist_study', 'paper_study', 'run_finished', 'ReportCB',
            'train_spec', 'StudyProgress', 'run_study', 'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record',
            'load_study', 'study_summary', 'mean_sd', 'fmt_spread', 'plot_run_curves', 'plot_run_matrices',
            'plot_per_class', 'plot_methods', 'plot_eps_sweep', 'sign_verdict', 'overfits', 'evaluate_claims', 'Table',
            'methods_table', 'eps_table', 'paper_table', 'claims_table', 'analyse_study', 'make_light', 'report_figures',
            'write_report', 'get_study', 'parse_seeds', 'reproduce', 'add_reproduce_parser', 'run_reproduce',
-           'search_study', 'search_table', 'plot_search', 'cnn_study']
+           'search_study', 'search_table', 'plot_search']
 
 # %% ../nbs/07_robust_overfitting.ipynb #b2cab781
 METHODS = {
@@ -129,6 +129,7 @@ def make_study(name: str, # the study's name
                description: str = "", # for the report
                reference: dict | None = None, # the paper's numbers
                eps_unit: float = 1.0, # display unit of eps
+               shared_data: bool = False, # every seed trains on `base.data_seed`'s subsets (default: data_seed = seed)
               ) -> Study:
     "The runs of a study: every method for every seed at `base.eps`, and hard-label AT at every `sweep_eps`."
     seeds = [int(s) for s in seeds]
@@ -137,14 +138,15 @@ def make_study(name: str, # the study's name
     if "kd_at" in methods and "at" not in methods: raise InputError("method kd_at needs method at (its teacher): add 'at'")
     runs = []
     for seed in seeds:
+        seeded = {"seed": seed, "data_seed": base.data_seed if shared_data else seed}
         for m in methods:
-            cfg = TrainConfig.from_dict({**method_overrides(m, base), "seed": seed, "name": f"{name}:{m}"}, base=base)
+            cfg = TrainConfig.from_dict({**method_overrides(m, base), **seeded, "name": f"{name}:{m}"}, base=base)
             teacher = _run_name("at", base.eps, seed, eps_unit) if m == "kd_at" else None
             if teacher: cfg = dataclasses.replace(cfg, kd_teacher=f"@{teacher}")
             runs.append(RunSpec(_run_name(m, base.eps, seed, eps_unit), m, seed, cfg.validate(), teacher))
         for e in sweep_eps:
             if math.isclose(e, base.eps): continue
-            cfg = TrainConfig.from_dict({**eps_overrides(base, e), "seed": seed, "name": f"{name}:at"}, base=base).validate()
+            cfg = TrainConfig.from_dict({**eps_overrides(base, e), **seeded, "name": f"{name}:at"}, base=base).validate()
             runs.append(RunSpec(_run_name("at", e, seed, eps_unit), "at", seed, cfg))
     return Study(name, description, runs, base.eps, reference, eps_unit)
 
@@ -166,10 +168,15 @@ FMNIST_SCALES = {
     "cpu": dict(model="mlp", model_kwargs={"hidden": [512, 512]}, train_size=300, val_size=500, test_size=1000,
                 epochs=100, milestones=[50, 75], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5, eval_steps=10,
                 eval_alpha=0.025, eval_every=2, cas_every=2, kd_decay=0.96, kd_temperature=2.0),
+    "clean": dict(model="mlp", model_kwargs={"hidden": [512, 512]}, train_size=300, val_size=500, test_size=2000,
+                  epochs=80, milestones=[40, 60], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5, eval_steps=10,
+                  eval_alpha=0.025, eval_every=4, cas_every=4, kd_decay=0.96, kd_temperature=2.0),
     "quick": dict(model="mlp", model_kwargs={"hidden": [128]}, train_size=300, val_size=200, test_size=300,
                   epochs=12, milestones=[6, 9], batch_size=50, lr=0.05, eps=0.1, alpha=0.04, steps=3, eval_steps=5,
                   eval_alpha=0.025, eval_every=1, cas_every=1, kd_decay=0.9, kd_temperature=2.0),
 }
+
+FMNIST_SCALES["noise"] = {**FMNIST_SCALES["clean"], "label_noise": 0.3}
 
 def fmnist_config(scale: str = "cpu", # a key of `FMNIST_SCALES`
                   **overrides) -> TrainConfig:
@@ -183,7 +190,12 @@ _FMNIST_DESC = ("PGD adversarial training on Fashion-MNIST at CPU scale ({scale}
                 "eps {eps} (PGD-{steps} training, PGD-{esteps} evaluation every {every} epoch(s)), {epochs} epochs with the "
                 "learning rate decayed x0.1 after epochs {ms}. Hard labels, label smoothing {ls}, distillation from an EMA "
                 "self-teacher and from the early-stopped AT model, and standard training, each over seeds {seeds}; "
-                "hard-label AT also at eps {sweep}. CAS is measured on PGD test examples at every evaluation.")
+                "hard-label AT also at eps {sweep}. Each seed draws its own training subset{noise}. CAS is measured on PGD "
+                "test examples at every evaluation.")
+
+def _noise_text(rate: float) -> str:
+    if not rate: return ""
+    return f"; {100 * rate:g}% of its training labels are replaced by another class (validation and test labels are clean)"
 
 def fmnist_study(scale: str = "cpu", # "cpu" (the default study) or "quick" (tests)
                  seeds=(0, 1), # training seeds
@@ -196,7 +208,7 @@ def fmnist_study(scale: str = "cpu", # "cpu" (the default study) or "quick" (tes
     desc = _FMNIST_DESC.format(scale=scale, train=base.train_size, val=base.val_size, test=base.test_size, eps=base.eps,
                                steps=base.steps, esteps=base.eval_steps, every=base.eval_every, epochs=base.epochs,
                                ms=", ".join(map(str, base.milestones)), ls=LABEL_SMOOTHING, seeds=", ".join(map(str, seeds)),
-                               sweep=", ".join(f"{e:g}" for e in sweep_eps))
+                               sweep=", ".join(f"{e:g}" for e in sweep_eps), noise=_noise_text(base.label_noise))
     return make_study(name or f"fmnist-{scale}", base, seeds, methods, sweep_eps, desc, PAPER_CIFAR10)
 
 def paper_study(dataset: str = "cifar10", # "cifar10" or "cifar100"
@@ -985,15 +997,15 @@ def write_report(out_dir: str | Path, # a study directory
 
 # %% ../nbs/07_robust_overfitting.ipynb #9a4a807c
 STUDY_PRESETS = {
-    "fmnist-cpu": dict(build=lambda seeds, methods: fmnist_study("cpu", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
+    "fmnist-noise": dict(build=lambda seeds, methods: fmnist_study("noise", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
+    "fmnist-clean": dict(build=lambda seeds, methods: fmnist_study("clean", seeds, methods or tuple(METHODS)), seeds=(0, 1, 2), jobs=2),
     "fmnist-quick": dict(build=lambda seeds, methods: fmnist_study("quick", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
-    "fmnist-overfit-search": dict(build=lambda seeds, methods: search_study(seeds=seeds), seeds=(0,), jobs=2),
-    "fmnist-cnn": dict(build=lambda seeds, methods: cnn_study(seeds, methods or ("at", "kd_ema")), seeds=(0, 1, 2), jobs=2),
+    "fmnist-regime-search": dict(build=lambda seeds, methods: search_study(seeds=seeds), seeds=(0,), jobs=2),
     "cifar10-paper": dict(build=lambda seeds, methods: paper_study("cifar10", seeds, methods or ("at", "kd_ema", "ls", "std")), seeds=(0,), jobs=1),
     "cifar100-paper": dict(build=lambda seeds, methods: paper_study("cifar100", seeds, methods or ("at", "kd_ema", "ls", "std")), seeds=(0,), jobs=1),
 }
 
-def get_study(preset: str = "fmnist-cpu", # a key of `STUDY_PRESETS`
+def get_study(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
               seeds=None, # seeds (default: the preset's)
               methods=None, # method keys (default: the preset's)
              ) -> Study:
@@ -1014,7 +1026,7 @@ def parse_seeds(text: str) -> tuple:
 def _default_out(preset: str) -> Path:
     return Path("artifacts/reproduce") / f"{preset}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
 
-def reproduce(preset: str = "fmnist-cpu", # a key of `STUDY_PRESETS`
+def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
               out_dir: str | Path | None = None, # study directory (default: artifacts/reproduce/PRESET_TIMESTAMP)
               seeds=None, # seeds (default: the preset's)
               methods=None, # method keys (default: the preset's)
@@ -1053,8 +1065,9 @@ def add_reproduce_parser(sub): # the subparsers object of `crossclass`
     p = sub.add_parser("reproduce", help="run the experiments chapters' study end to end and write an HTML report",
                        description="Train every run of a study (hard labels, label smoothing, distillation, standard "
                                    "training; CAS tracked), judge the paper's claims and write a self-contained report.html "
-                                   "with the CSV/JSON behind it. Default: the Fashion-MNIST CPU study.")
-    p.add_argument("--preset", default="fmnist-cpu", choices=list(STUDY_PRESETS), help="the study (default: %(default)s)")
+                                   "with the CSV/JSON behind it. Default: the Fashion-MNIST study with 30% label noise, "
+                                   "a regime that overfits.")
+    p.add_argument("--preset", default="fmnist-noise", choices=list(STUDY_PRESETS), help="the study (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="the tiny study for tests (same as --preset fmnist-quick; under 2 minutes)")
     p.add_argument("--data", metavar="DIR", help="dataset directory (CIFAR in torchvision's format for the *-paper presets)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: artifacts/reproduce/PRESET_TIMESTAMP)")
@@ -1070,7 +1083,7 @@ def add_reproduce_parser(sub): # the subparsers object of `crossclass`
 
 def run_reproduce(args) -> int:
     "The `crossclass reproduce` command: prints the output directory first, the verdicts and the report's path at the end."
-    if args.quick and args.preset not in ("fmnist-cpu", "fmnist-quick"):
+    if args.quick and args.preset not in ("fmnist-noise", "fmnist-quick"):
         raise InputError(f"--quick and --preset {args.preset} exclude each other: --quick is the tiny Fashion-MNIST study")
     preset = "fmnist-quick" if args.quick else args.preset
     seeds = parse_seeds(args.seeds) if args.seeds else None
@@ -1090,31 +1103,33 @@ def run_reproduce(args) -> int:
 CLI_SUBCOMMANDS = [add_reproduce_parser]
 
 # %% ../nbs/07_robust_overfitting.ipynb #2b5159c7
-SEARCH_BASE = dict(model="mlp", model_kwargs={"hidden": [1024, 1024]}, train_size=300, val_size=500, test_size=1000,
-                   epochs=200, milestones=[100, 150], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5,
-                   eval_steps=10, eval_alpha=0.025, eval_every=4, cas_every=4,
-                   kd_decay=0.997) # unused (no distillation in the search): the value the stored runs were made with
-OVERFIT_SEARCH = {
+SEARCH_BASE = dict(FMNIST_SCALES["clean"], test_size=1000)
+REGIME_SEARCH = {
     "mlp-n300": {},
-    "mlp-n300-eps0.2": {"eps": 0.2, "alpha": 0.1, "eval_alpha": 0.05},
-    "mlp-n100": {"train_size": 100},
-    "mlp-n300-lr0.2": {"lr": 0.2},
-    "cnn-n300": {"model": "small_cnn", "model_kwargs": {}},
+    "mlp-n300-noise10": {"label_noise": 0.1},
+    "mlp-n300-noise20": {"label_noise": 0.2},
+    "mlp-n300-noise30": {"label_noise": 0.3},
+    "mlp-n1000": {"train_size": 1000},
+    "cnn8-n300": {"model": "small_cnn", "model_kwargs": {"width": 8}},
+    "cnn16-n300": {"model": "small_cnn", "model_kwargs": {"width": 16}},
+    "cnn32-n300": {"model": "small_cnn", "model_kwargs": {"width": 32}},
+    "mlp-n3000": {"train_size": 3000},
 }
 
-def search_study(candidates: dict = OVERFIT_SEARCH, # setting name -> overrides of `SEARCH_BASE`
+def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides of `SEARCH_BASE`
                  seeds=(0,), # seeds of every setting
-                 name: str = "fmnist-overfit-search", # the study's name
+                 name: str = "fmnist-regime-search", # the study's name
                 ) -> Study:
     "Hard-label AT in several CPU settings, to look for robust overfitting (one study, one setting label per run)."
     runs = []
     for seed in seeds:
         for label, kw in candidates.items():
-            cfg = fmnist_config("cpu", **{**SEARCH_BASE, **kw, "seed": seed, "name": f"{name}:{label}"})
+            cfg = fmnist_config("clean", **{**SEARCH_BASE, **kw, "seed": seed, "data_seed": seed, "name": f"{name}:{label}"})
             runs.append(RunSpec(f"{label}_s{seed}", "at", seed, cfg, setting=label))
-    desc = (f"Hard-label PGD-AT on Fashion-MNIST in {len(candidates)} settings chosen to drive the training robust accuracy "
-            f"towards 100% (small training sets, a CNN, a larger eps, a larger learning rate); {len(seeds)} seed(s) each.")
+    desc = (f"Hard-label PGD-AT on Fashion-MNIST in {len(candidates)} settings along three axes: capacity (small CNN widths), "
+            f"training-set size and symmetric label noise on the training split; {len(seeds)} seed(s) each.")
     return Study(name, desc, runs, SEARCH_BASE["eps"], None, kind="search")
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #59ca3863
 def search_table(out_dir: str | Path) -> Table:
@@ -1150,15 +1165,3 @@ def plot_search(out_dir: str | Path): # a search study directory
     a1.set_ylabel("robust accuracy (%) (dotted: training)"); a2.set_ylabel("CAS"); a1.legend(fontsize=7); a2.legend(fontsize=7)
     fig.suptitle(study.name); fig.tight_layout()
     return fig
-
-# %% ../nbs/07_robust_overfitting.ipynb #663fdd81
-def cnn_study(seeds=(0, 1, 2), # training seeds
-              methods=("at", "kd_ema"), # methods compared
-             ) -> Study:
-    "The search's CNN setting (small CNN, 300 images, 200 epochs) as a study of its own, with the CAS analysis."
-    base = fmnist_config("cpu", **{**SEARCH_BASE, **OVERFIT_SEARCH["cnn-n300"], "kd_decay": 0.96})
-    desc = (f"The setting of the robust-overfitting search that overfit: hard-label PGD-AT (and the other methods) with a "
-            f"small CNN on {base.train_size} Fashion-MNIST images, l_inf eps {base.eps}, {base.epochs} epochs with the lr "
-            f"decayed x0.1 after epochs {', '.join(map(str, base.milestones))}, evaluation every {base.eval_every} epochs "
-            f"(validation {base.val_size}, test {base.test_size}); seeds {', '.join(map(str, seeds))}.")
-    return make_study("fmnist-cnn", base, seeds, methods, (), desc, PAPER_CIFAR10)
