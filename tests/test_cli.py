@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
+from crossclass_nb.attribution import cas, similarity_matrix
 from crossclass_nb.cli import build_parser, main
+from crossclass_nb.data import load_dataset, make_fake_cifar
 from crossclass_nb.training import load_checkpoint, load_metrics
 
 CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
@@ -77,6 +81,45 @@ def test_train_config_file_and_overrides(tmp_path, capsys):
     assert abs(cfg["eps"] - 8 / 255) < 1e-12
 
 
+def test_python_m_runs_the_cli():
+    "`python -m crossclass_nb` and `python -m crossclass_nb.cli` are the `crossclass` program (what torchrun -m needs)."
+    for module in ("crossclass_nb", "crossclass_nb.cli"):
+        p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "usage: crossclass" in p.stdout and "reproduce" in p.stdout, (module, p.stderr)
+    p = subprocess.run([sys.executable, "-m", "crossclass_nb", "trian"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "trian" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_python_m_cli_really_trains(tmp_path):
+    out = tmp_path / "runB"
+    p = subprocess.run([sys.executable, "-m", "crossclass_nb.cli", "train", "--preset", "fmnist-tiny", "--out", str(out),
+                        "--epochs", "1", "--quiet"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"run directory: {out}" in p.stdout
+    assert [r["epoch"] for r in load_metrics(out)] == [1]
+    for f in ("config.json", "last.pt", "best.pt"): assert (out / f).is_file(), f
+
+
+def test_eval_runs_autoattack_by_default_with_the_extra(trained, tmp_path, capsys):
+    pytest.importorskip("torchattacks")
+    code, out, err = run(capsys, "eval", trained, "--n", "50", "--out", tmp_path)
+    assert code == 0 and err == "", err
+    r = json.loads((tmp_path / "run_best.eval.json").read_text())
+    assert r["autoattack"] == "cheap" and 0 <= r["autoattack_acc"] <= r["pgd_acc"] + 0.1
+
+
+def test_eval_without_the_extra_runs_pgd_and_says_so(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # as on an installation without [eval]
+    code, out, err = run(capsys, "eval", trained, "--n", "50", "--out", tmp_path)
+    assert code == 0 and err.count("\n") == 1 and "PGD only" in err and '.[eval]' in err, err
+    r = json.loads((tmp_path / "run_best.eval.json").read_text())
+    assert "autoattack_acc" not in r and 0 <= r["pgd_acc"] <= r["clean_acc"]
+    before = snapshot(tmp_path)
+    code, out, err = run(capsys, "eval", trained, "--n", "50", "--autoattack", "cheap", "--out", tmp_path)
+    assert code == 2 and '.[eval]' in err and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before
+
+
 def test_eval(trained, tmp_path, capsys):
     code, out, err = run(capsys, "eval", trained / "best.pt", "--n", "50", "--autoattack", "cheap", "--out", tmp_path)
     assert code == 0, err
@@ -131,3 +174,84 @@ def test_bad_input_in_a_real_process(tmp_path):
     for argv in (["train", "--epochs", "ten"], ["eval", str(tmp_path / "x.pt")]):
         p = subprocess.run(CROSSCLASS + argv, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+# ---- models that are not checkpoints of a run: --arch with --weights, --robustbench
+
+
+@pytest.fixture(scope="module")
+def resnet_weights(tmp_path_factory):
+    "A torchvision ResNet-18's state dict (W.pt) and a small test set in CIFAR-10's format."
+    d = tmp_path_factory.mktemp("arch")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "W.pt")
+    make_fake_cifar(d / "data", n_train=10, n_test=20)
+    return d
+
+
+def _hand_cas(weights, root):
+    "CAS on clean test images, computed independently: g(x) from a forward hook on torchvision's own `fc`."
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    ds, seen = load_dataset("cifar10", train=False, root=root), []
+    model.fc.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad(): model(ds.x)
+    A = torch.stack([(seen[0][ds.y == i] * model.fc.weight[i]).mean(0) for i in range(10)])
+    return cas(similarity_matrix(A))
+
+
+def test_cas_of_a_torchvision_model(resnet_weights, capsys):
+    d = resnet_weights
+    before = {p.name for p in d.iterdir()}
+    code, out, err = run(capsys, "cas", "--arch", "torchvision:resnet18", "--weights", d / "W.pt", "--dataset", "cifar10",
+                         "--data-root", d / "data", "--n", "0", "--clean", "--batch-size", "10")
+    assert code == 0, err
+    assert {p.name for p in d.iterdir()} - before == {"W.cas.json", "W.similarity.png"}
+    rec = json.loads((d / "W.cas.json").read_text())
+    assert rec["checkpoint"] == "torchvision:resnet18" and rec["epoch"] is None and rec["settings"]["n"] == 20
+    assert abs(rec["cas"] - float(_hand_cas(d / "W.pt", d / "data"))) < 1e-4
+    code, out, err = run(capsys, "cas", "--arch", "torchvision:resnet18", "--weights", d / "W.pt", "--dataset", "cifar10",
+                         "--data-root", d / "data", "--n", "0", "--steps", "2", "--out", d / "adv")
+    assert code == 0, err
+    adv = json.loads((d / "adv" / "W.cas.json").read_text())
+    assert adv["settings"]["attack"] is not None and "PGD-2" in str(adv["settings"]["attack"])
+
+
+def test_eval_of_a_torchvision_model(resnet_weights, tmp_path, capsys):
+    d = resnet_weights
+    code, out, err = run(capsys, "eval", "--arch", "torchvision:resnet18", "--weights", d / "W.pt", "--dataset", "cifar10",
+                         "--data-root", d / "data", "--n", "0", "--steps", "2", "--autoattack", "none", "--out", tmp_path)
+    assert code == 0, err
+    r = json.loads((tmp_path / "W.eval.json").read_text())
+    assert r["n"] == 20 and r["dataset"] == "cifar10" and 0 <= r["pgd_acc"] <= r["clean_acc"] <= 1
+    assert "PGD-2 linf eps=0.03137" in r["attack"]  # the trainer's default evaluation radius, 8/255
+
+
+def test_robustbench_arguments_reach_the_loader(resnet_weights, tmp_path, capsys, monkeypatch):
+    "--robustbench NAME: the CLI asks `load_robustbench` for the model with its dataset, threat model and directory."
+    import crossclass_nb.models as models
+    calls = []
+    def fake_loader(name, dataset="cifar10", threat_model="Linf", **kw):
+        calls.append((name, dataset, threat_model, kw))
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    monkeypatch.setattr(models, "load_robustbench", fake_loader)
+    code, out, err = run(capsys, "cas", "--robustbench", "Standard", "--data-root", resnet_weights / "data", "--n", "0",
+                         "--norm", "l2", "--eps", "0.5", "--steps", "1", "--model-dir", tmp_path / "models",
+                         "--out", tmp_path)
+    assert code == 0, err
+    assert calls == [("Standard", "cifar10", "L2", {"model_dir": str(tmp_path / "models")})]
+    assert json.loads((tmp_path / "Standard.cas.json").read_text())["checkpoint"] == "Standard"
+
+
+def test_one_model_source(resnet_weights, tmp_path, capsys, trained):
+    d = resnet_weights
+    for argv, words in [(["cas"], "say which model"),
+                        (["cas", trained, "--arch", "torchvision:resnet18"], "exclude each other"),
+                        (["eval", trained, "--weights", d / "W.pt"], "go with --arch"),
+                        (["cas", "--arch", "torchvision:resnet18"], "--dataset")]:
+        before = snapshot(tmp_path)
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and words in err and err.count("\n") == 1, (argv, err)
+        assert snapshot(tmp_path) == before
