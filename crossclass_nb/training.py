@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,20 +27,21 @@ import torch.nn.functional as F
 
 from . import __version__
 from .core import (CheckpointError, CrossclassError, InputError, RunDirError, atomic_torch_save,
-                                atomic_write, atomic_write_text, get_device, get_rng_state, safe_load, set_rng_state,
-                                set_seed)
+                                atomic_write, atomic_write_text, get_device, get_rng_state, images_checked, safe_load,
+                                set_rng_state, set_seed)
 from .data import DATASET_NAMES, DATASET_STATS, TensorLoader, load_dataset, stratified_subset, train_val_split
 from .models import MODEL_NAMES, get_model
-from .attacks import PGD, fgsm_rs, pgd, trades_adv
+from .attacks import PGD, MissingExtraError, fgsm_rs, pgd, trades_adv
 from .attribution import attribution_report
 
 # %% auto #0
-__all__ = ['LOSSES_NAMES', 'PRESETS', 'LOSSES', 'FORMAT_VERSION', 'TrainConfig', 'get_config', 'parse_setting', 'LossOutput',
-           'standard_loss', 'pgd_at_loss', 'fgsm_rs_loss', 'trades_loss', 'make_loss', 'kd_loss', 'kd_weight_at',
-           'ema_update', 'LRSchedule', 'load_checkpoint', 'load_weights', 'build_model', 'load_model', 'RunLock',
-           'run_dir_state', 'evaluate', 'Callback', 'CancelFit', 'Trainer', 'ScheduleCB', 'TrainMetricsCB', 'DistillCB',
-           'EvalCB', 'CASCB', 'write_metrics', 'load_metrics', 'CheckpointCB', 'ProgressCB', 'FiguresCB', 'flip_labels',
-           'load_splits', 'make_trainer', 'train']
+__all__ = ['LOSSES_NAMES', 'PRESETS', 'LOSSES', 'FORMAT_VERSION', 'COMPILE_RECOMPILE_LIMIT', 'TrainConfig', 'get_config',
+           'parse_setting', 'LossOutput', 'standard_loss', 'pgd_at_loss', 'fgsm_rs_loss', 'trades_loss', 'make_loss',
+           'kd_loss', 'kd_weight_at', 'ema_update', 'LRSchedule', 'load_checkpoint', 'load_weights', 'build_model',
+           'load_model', 'RunLock', 'run_dir_state', 'evaluate', 'Callback', 'CancelFit', 'Trainer', 'ScheduleCB',
+           'TrainMetricsCB', 'DistillCB', 'EvalCB', 'CASCB', 'write_metrics', 'load_metrics', 'CheckpointCB',
+           'FinalEvalCB', 'require_tensorboard', 'TensorBoardCB', 'ProgressCB', 'FiguresCB', 'flip_labels',
+           'load_splits', 'check_bf16', 'make_trainer', 'train']
 
 # %% ../nbs/06_training.ipynb #5ee5688c
 @dataclass
@@ -97,9 +99,12 @@ class TrainConfig:
     select_metric: str = "robust" # "robust" or "clean" accuracy picks best.pt
     cas_every: int = 1 # attribution matrix and CAS every k epochs (0: never)
     cas_split: str = "test" # split the CAS is measured on (adversarial examples of it, as in the paper): "test" or "val"
+    monitor_size: int | None = None # per-epoch val/test metrics on a class-balanced subset of this many (None: all)
+    final_eval: bool = False # at the end, best and last on the full val/test splits in fp32, with CAS (final_eval.json)
     # checkpoints and output
     save_every: int = 0 # also keep epoch_XXX.pt every k epochs (0: never)
     figures: bool = True # draw figures/curves.png at the end
+    tensorboard: bool = False # also write TensorBoard events (scalars, C heat maps) into RUN/tensorboard
     # runtime
     seed: int = 0 # seed of initialisation, data order, augmentation and attacks
     device: str | None = None # "cpu", "cuda", "cuda:1", ... (None: best available)
@@ -107,6 +112,7 @@ class TrainConfig:
     amp_eval: bool = False # also run evaluation attacks in mixed precision
     channels_last: bool | None = None # channels-last memory layout (None: on for CUDA)
     compile: bool = False # torch.compile the model
+    sync_bn: bool = False # under DDP on GPUs: BatchNorm statistics over all processes (SyncBatchNorm)
     deterministic: bool = False # deterministic algorithms (turns cudnn benchmarking off)
     num_threads: int | None = None # CPU threads for torch (None: leave as is)
 
@@ -181,7 +187,7 @@ def _validate(self) -> TrainConfig:
         if getattr(self, k) < 1: bad(f"{k} must be at least 1, got {getattr(self, k)}")
     for k in ("val_size", "cas_every", "save_every", "seed", "data_seed", "pad", "kd_start", "kd_end"):
         if getattr(self, k) < 0: bad(f"{k} must be >= 0, got {getattr(self, k)}")
-    for k in ("train_size", "test_size", "num_threads"):
+    for k in ("train_size", "test_size", "num_threads", "monitor_size"):
         if getattr(self, k) is not None and getattr(self, k) < 1: bad(f"{k} must be None or at least 1, got {getattr(self, k)}")
     for k in ("lr", "eps", "alpha", "eval_eps", "eval_alpha", "kd_temperature", "trades_beta", "momentum",
               "weight_decay", "gamma", "kd_decay", "kd_weight", "label_smoothing", "label_noise"):
@@ -214,7 +220,8 @@ TrainConfig.validate = _validate
 _PAPER = dict(model="preact_resnet18", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
               milestones=[100, 150], gamma=0.1, augment=True, loss="pgd", norm="linf", eps=8/255, alpha=2/255, steps=10,
               eval_steps=20, eval_alpha=2/255, val_size=1000, trades_beta=6.0, kd_decay=0.999, kd_temperature=1.5,
-              kd_weight=0.8, kd_start=90, kd_end=110, amp="bf16", save_every=10, eval_batch_size=500)
+              kd_weight=0.8, kd_start=90, kd_end=110, amp="bf16", save_every=10, eval_batch_size=500,
+              monitor_size=2000, amp_eval=True, cas_every=5, final_eval=True)
 _FMNIST = dict(dataset="fashion_mnist", model="mlp", model_kwargs={"hidden": [1024, 1024]}, train_size=1000,
                val_size=1000, test_size=1000, epochs=200, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4,
                milestones=[100, 150], loss="pgd", eps=0.1, alpha=0.05, steps=5, eval_steps=10, eval_alpha=0.025,
@@ -533,7 +540,8 @@ def _clear_run(p: Path, keep_config: bool = False) -> None:
     "Remove the files a run writes (and leftovers of interrupted atomic writes)."
     for f in list(p.glob("*.pt")) + list(p.glob(".*.tmp")) + [p / n for n in _RUN_FILES[:3] if not (keep_config and n == "config.json")]:
         f.unlink(missing_ok=True)
-    for d in ("cas", "figures"): shutil.rmtree(p / d, ignore_errors=True)
+    (p / "final_eval.json").unlink(missing_ok=True)
+    for d in ("cas", "figures", "tensorboard"): shutil.rmtree(p / d, ignore_errors=True)
 
 # %% ../nbs/06_training.ipynb #4058764d
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -560,8 +568,8 @@ def evaluate(model: nn.Module, # the model (put in eval mode)
             if attack is not None:
                 xa = attack(model, xb, yb)
                 with torch.no_grad(): la = model(xa).float()
-        sums[:3] += torch.stack([torch.tensor(float(len(yb)), device=x.device), F.cross_entropy(lc, yb, reduction="sum"),
-                                 (lc.argmax(1) == yb).sum().float()]).double()
+        sums[0] += len(yb)                                    # a host number: no copy to the device, no wait
+        sums[1:3] += torch.stack([F.cross_entropy(lc, yb, reduction="sum"), (lc.argmax(1) == yb).sum().float()]).double()
         if attack is not None:
             sums[3:] += torch.stack([F.cross_entropy(la, yb, reduction="sum"), (la.argmax(1) == yb).sum().float()]).double()
             if keep_adv: advs.append(xa)
@@ -715,6 +723,7 @@ class CASCB(Callback):
         self.out_dir, self.bs, self.write = Path(out_dir) if out_dir else None, batch_size, write
     def due(self, t): return (t.epoch + 1) % self.every == 0 or t.epoch + 1 == t.n_epochs
     def after_epoch(self, t):
+        t.cas_result = None
         if not self.due(t) or not self.write: return    # only rank 0 writes, so only rank 0 computes
         x_adv = getattr(t, "adv", {}).get(self.split)
         data = [(x_adv[i:i+self.bs], self.y[i:i+self.bs]) for i in range(0, len(self.y), self.bs)] if x_adv is not None \
@@ -722,6 +731,7 @@ class CASCB(Callback):
         res = attribution_report(t.attack_model, data, attack=None if x_adv is not None else self.attack,
                                  num_classes=len(self.classes), batch_size=self.bs, classes=self.classes)
         t.row.update(cas=float(res.cas), cas_acc=float(res.accuracy))
+        t.cas_result = res
         if self.out_dir is not None:
             d = {"epoch": t.epoch + 1, "split": self.split, "attack": str(self.attack), **res.to_dict(include_A=False)}
             (self.out_dir / "cas").mkdir(exist_ok=True)
@@ -749,9 +759,9 @@ def load_metrics(run_dir: str | Path, # a run directory
     cols = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: float("nan") if r.get(k) is None else r[k] for k in cols} for r in rows]
 
-def _gather_rng_states() -> list[dict]:
-    "Every process's random states (rank order); tensors travel as bytes, loaded back with weights_only."
-    st = get_rng_state()
+def _gather_rng_states(device: torch.device) -> list[dict]:
+    "Every process's random states (rank order), with the state of the GPU it uses; tensors travel as bytes."
+    st = get_rng_state([device])
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return [st]
     dist = torch.distributed
     buf = io.BytesIO(); torch.save(st, buf)
@@ -768,9 +778,9 @@ class CheckpointCB(Callback):
     "Keep the history, pick the best epoch, write best.pt / epoch_XXX.pt / last.pt and the metrics files."
     order = 30
     def __init__(self, out_dir, cfg: TrainConfig, model_info: dict, schedule: LRSchedule, write: bool = True,
-                 best_score: float = -math.inf, best_epoch: int = 0):
+                 best_score: float = -math.inf, best_epoch: int = 0, keep_best: bool = False):
         self.out_dir, self.cfg, self.info, self.schedule, self.write = Path(out_dir), cfg, model_info, schedule, write
-        self.best_score, self.best_epoch = best_score, best_epoch
+        self.best_score, self.best_epoch, self.keep_best, self.best_state = best_score, best_epoch, keep_best, None
         self.key = f"{cfg.select_on}_{cfg.select_metric}_acc"
     def checkpoint(self, t, rng) -> dict:
         return {"format_version": FORMAT_VERSION, "library": f"crossclass_nb {__version__}", "epoch": t.epoch + 1,
@@ -782,15 +792,21 @@ class CheckpointCB(Callback):
         score, e = t.row.get(self.key, float("nan")), t.epoch + 1
         is_best = not math.isnan(score) and score > self.best_score
         if is_best: self.best_score, self.best_epoch = score, e
+        if is_best and self.keep_best: self.best_state = {k: v.detach().clone() for k, v in t.raw.state_dict().items()}
         t.row.update(best_epoch=self.best_epoch, is_best=int(is_best))
         t.history.append(dict(t.row))
-        rng = _gather_rng_states()
+        rng = _gather_rng_states(next(t.raw.parameters()).device)
         if not self.write: return
         ck = self.checkpoint(t, rng)
         if is_best: _save_checkpoint(ck, self.out_dir / "best.pt")
         if self.cfg.save_every and e % self.cfg.save_every == 0: _save_checkpoint(ck, self.out_dir / f"epoch_{e:03d}.pt")
         _save_checkpoint(ck, self.out_dir / "last.pt")
         write_metrics(self.out_dir, t.history)
+    def best_weights(self) -> dict | None:
+        "The best epoch's weights: kept in memory since that epoch, else read back from best.pt (None if neither)."
+        if self.best_state is not None: return self.best_state
+        p = self.out_dir / "best.pt"
+        return safe_load(p)["model"] if p.is_file() else None
 
 def _save_checkpoint(ck: dict, path: Path) -> None:
     "Atomic save; a failed write (full disk, permissions) leaves the previous file and says so."
@@ -798,6 +814,65 @@ def _save_checkpoint(ck: dict, path: Path) -> None:
     except OSError as e:
         raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous {path.name} is intact: free disk "
                               "space (or fix permissions) and continue with resume=True (--resume)") from None
+
+# %% ../nbs/06_training.ipynb #f1e2d3c5
+class FinalEvalCB(Callback):
+    "After training: best and last weights on the full splits in fp32, with their CAS, into final_eval.json."
+    order = 35
+    def __init__(self, splits: dict, attack, ck_cb: CheckpointCB, cas_split: str, classes, out_dir=None,
+                 batch_size: int = 512, rank: int = 0, world_size: int = 1):
+        self.splits, self.attack, self.ck_cb, self.cas_split, self.classes = splits, attack, ck_cb, cas_split, classes
+        self.out_dir, self.bs, self.rank, self.ws = Path(out_dir) if out_dir else None, batch_size, rank, world_size
+    def measure(self, model) -> dict:
+        out = {}
+        for name, (x, y) in self.splits.items():
+            r = evaluate(model, x, y, self.attack, self.bs, "none", self.rank, self.ws, keep_adv=name == self.cas_split)
+            if "x_adv" in r: out["cas"] = self.cas_of(model, r.pop("x_adv"), y[self.rank::self.ws])
+            out.update({f"{name}_{k}": v for k, v in r.items()})
+        return out
+    def cas_of(self, model, x_adv, y) -> float | None:
+        if self.ws > 1 or x_adv is None: return None
+        batches = [(x_adv[i:i + self.bs], y[i:i + self.bs]) for i in range(0, len(y), self.bs)]
+        return float(attribution_report(model, batches, num_classes=len(self.classes), classes=self.classes).cas)
+    def after_fit(self, t):
+        best_state = self.ck_cb.best_weights() if t.history else None
+        if best_state is None: return
+        best = copy.deepcopy(t.raw)
+        load_weights(best, best_state, "the best epoch's weights")
+        res = {"attack": str(self.attack), "best_epoch": self.ck_cb.best_epoch, "last_epoch": t.history[-1]["epoch"],
+               "best": self.measure(best), "last": self.measure(t.raw)}
+        t.final_eval = res
+        if self.out_dir is not None and self.rank == 0:
+            atomic_write_text(self.out_dir / "final_eval.json", json.dumps(res, indent=1) + "\n")
+
+# %% ../nbs/06_training.ipynb #f1e2d3c7
+def require_tensorboard() -> None:
+    "Raise `MissingExtraError` naming the extra if the `tensorboard` package is missing."
+    try: import tensorboard  # noqa: F401
+    except ImportError:
+        raise MissingExtraError('tensorboard=True needs the tensorboard package, an optional extra: '
+                                'pip install -e ".[tb]" (or pip install tensorboard)') from None
+
+class TensorBoardCB(Callback):
+    "Scalars of every epoch and the C heat map of every CAS epoch, as TensorBoard events in RUN/tensorboard."
+    order = 40
+    def __init__(self, out_dir, classes=None): self.out_dir, self.classes, self.writer = Path(out_dir), classes, None
+    def before_fit(self, t):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+    def after_epoch(self, t):
+        step = t.epoch + 1
+        for k, v in t.row.items():
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+        if getattr(t, "cas_result", None) is not None: self.writer.add_figure("similarity_C", self.heat_map(t, step), step)
+        self.writer.flush()
+    def heat_map(self, t, step):
+        from crossclass_nb.attribution import plot_similarity
+        ax = plot_similarity(t.cas_result.C, self.classes, title=f"C at epoch {step} (CAS {t.cas_result.cas:.2f})")
+        return ax.figure
+    def after_fit(self, t):
+        if self.writer is not None: self.writer.close()
 
 # %% ../nbs/06_training.ipynb #48b98d5d
 def _fmt(v): return "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -873,20 +948,91 @@ def load_splits(cfg: TrainConfig) -> dict:
     return {"train": train, "val": val, "test": test}
 
 # %% ../nbs/06_training.ipynb #82c0822d
-def _dist_setup(device: torch.device) -> tuple[int, int]:
-    "Join the torchrun process group if launched by torchrun; returns (rank, world_size)."
+def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
+    "Join the torchrun process group if launched by torchrun; (rank, world_size, whether this call created the group)."
     ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1: return 0, 1
+    if ws <= 1: return 0, 1, False
     import torch.distributed as dist
-    if not dist.is_initialized(): dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
 
-def _device_for(cfg: TrainConfig) -> torch.device:
-    dev = get_device(cfg.device)
-    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return dev
+def check_bf16(amp: str, # the run's `amp`
+               device: torch.device, # the run's device
+              ) -> None:
+    "Warn when bf16 is asked for on a GPU that only emulates it."
+    if amp != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False): return
+    warnings.warn(f"{torch.cuda.get_device_name(device)} has no native bf16 arithmetic, so amp='bf16' is emulated "
+                  "and slow: use amp='fp16' (--set amp=fp16) on this GPU", stacklevel=2)
 
+def _setup_device(cfg: TrainConfig) -> torch.device:
+    "This process's device, made current, with the thread count and cudnn settings of `cfg`."
+    device = get_device(cfg.device)
+    if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    check_bf16(cfg.amp, device)
+    if cfg.sync_bn and device.type != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("sync_bn=True needs GPUs (SyncBatchNorm has no CPU kernel): set sync_bn=false on the CPU")
+    return device
+
+# %% ../nbs/06_training.ipynb #82c0822f
+COMPILE_RECOMPILE_LIMIT = 32
+
+def _make_models(cfg: TrainConfig, num_classes: int, input_shape: tuple, device, rank: int, ws: int, channels_last: bool):
+    "(raw model, model to train, model to attack): the plain module, its DDP and compiled forms."
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    raw = build_model(cfg, num_classes, input_shape).to(device)
+    if ws > 1 and cfg.sync_bn: raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    if ws > 1: torch.manual_seed(cfg.seed + 1_000_003 * rank)      # distinct attack noise per process
+    if channels_last: raw = raw.to(memory_format=torch.channels_last)
+    model = raw
+    if ws > 1: model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if not cfg.compile: return raw, model, raw
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    return raw, torch.compile(model), torch.compile(raw)
+
+# %% ../nbs/06_training.ipynb #82c08231
+def _eval_splits(cfg: TrainConfig, splits: dict, device, channels_last: bool, size: int | None = None) -> dict:
+    "{name: (x, y)} on the device for val and test, each cut to a class-balanced subset of `size` if given."
+    out = {}
+    for name in ("val", "test"):
+        ds = splits[name]
+        if ds is None: continue
+        if size is not None and size < len(ds): ds = stratified_subset(ds, size, seed=cfg.data_seed)
+        x = ds.x.to(device)
+        out[name] = (x.contiguous(memory_format=torch.channels_last) if channels_last else x, ds.y.to(device))
+    return out
+
+def _eval_attack(cfg: TrainConfig):
+    eval_eps = cfg.eval_eps if cfg.eval_eps is not None else cfg.eps
+    return PGD(eval_eps, cfg.eval_alpha, steps=cfg.eval_steps, norm=cfg.norm) if eval_eps > 0 else None
+
+# %% ../nbs/06_training.ipynb #82c08232
+def _callbacks(cfg, splits, device, channels_last, schedule, info, run_dir, rank, ws, raw) -> list:
+    "The callbacks of a run, in the order they act."
+    classes, write = splits["train"].classes, run_dir is not None and rank == 0
+    full = _eval_splits(cfg, splits, device, channels_last)
+    watched = _eval_splits(cfg, splits, device, channels_last, cfg.monitor_size)
+    attack = _eval_attack(cfg)
+    reuse = cfg.cas_every and ws == 1 and len(watched[cfg.cas_split][1]) == len(full[cfg.cas_split][1])
+    cbs = [ScheduleCB(schedule), TrainMetricsCB(),
+           EvalCB(watched, attack, cfg.eval_every, cfg.eval_batch_size, cfg.amp if cfg.amp_eval else "none", rank, ws,
+                  keep_adv=cfg.cas_split if reuse else None)]
+    if cfg.cas_every: cbs.append(CASCB(cfg.cas_split, *full[cfg.cas_split], attack, cfg.cas_every, classes,
+                                       run_dir if write else None, cfg.eval_batch_size, write=rank == 0))
+    if cfg.kd != "none":
+        teacher = copy.deepcopy(raw) if cfg.kd == "ema" else _load_teacher(cfg, len(classes), splits["train"].x.shape[1:], device)
+        cbs.append(DistillCB(teacher, cfg.kd_decay if cfg.kd == "ema" else None, cfg.kd_temperature, cfg.kd_weight,
+                             cfg.kd_start, cfg.kd_end))
+    cbs.append(CheckpointCB(run_dir or ".", cfg, info, schedule, write=write, keep_best=cfg.final_eval))
+    if cfg.final_eval: cbs.append(FinalEvalCB(full, attack, cbs[-1], cfg.cas_split, classes, run_dir, cfg.eval_batch_size, rank, ws))
+    if write and cfg.tensorboard: cbs.append(TensorBoardCB(run_dir, classes))
+    if write and cfg.figures: cbs.append(FiguresCB(run_dir, cfg.milestones if cfg.schedule == "multistep" else ()))
+    return cbs
+
+# %% ../nbs/06_training.ipynb #82c08233
 def make_trainer(cfg: TrainConfig, # a validated config
                  run_dir: str | Path | None = None, # where files go (None: nothing is written)
                  checkpoint: dict | None = None, # a loaded checkpoint to continue from
@@ -894,52 +1040,28 @@ def make_trainer(cfg: TrainConfig, # a validated config
                  cbs=(), # extra callbacks
                 ) -> Trainer:
     "A `Trainer` for `cfg` with its data, model, optimizer, loss and callbacks (restored from `checkpoint`)."
-    device = _device_for(cfg)
-    if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
-    rank, ws = _dist_setup(device)
-    if device.type == "cuda": torch.cuda.set_device(device); torch.backends.cudnn.benchmark = not cfg.deterministic
+    device = _setup_device(cfg)
+    rank, ws, owns_group = _dist_setup(device)
     splits = load_splits(cfg)
     train_ds, classes = splits["train"], splits["train"].classes
     info = {"name": cfg.model, "num_classes": len(classes), "input_shape": list(train_ds.x.shape[1:]), "classes": list(classes)}
-    set_seed(cfg.seed, deterministic=cfg.deterministic)
-    raw = build_model(cfg, len(classes), tuple(train_ds.x.shape[1:])).to(device)
-    if ws > 1: torch.manual_seed(cfg.seed + 1_000_003 * rank)      # distinct attack noise per process
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    if channels_last: raw = raw.to(memory_format=torch.channels_last)
+    raw, model, attack_model = _make_models(cfg, len(classes), tuple(train_ds.x.shape[1:]), device, rank, ws, channels_last)
     opt = torch.optim.SGD(raw.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.epochs, list(cfg.milestones), cfg.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    model = raw
-    if ws > 1: model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    attack_model = raw
-    if cfg.compile: model, attack_model = torch.compile(model), torch.compile(raw)
     dl = TensorLoader(train_ds, cfg.batch_size, shuffle=True, augment=cfg.augment, pad=cfg.pad, device=device, seed=cfg.seed,
                       drop_last=cfg.drop_last, rank=rank, world_size=ws)
-    on = lambda d: (d.x.to(device), d.y.to(device))
-    ev = {k: on(splits[k]) for k in ("val", "test") if splits[k] is not None}
-    eval_eps = cfg.eval_eps if cfg.eval_eps is not None else cfg.eps
-    attack = PGD(eval_eps, cfg.eval_alpha, steps=cfg.eval_steps, norm=cfg.norm) if eval_eps > 0 else None
-    write = run_dir is not None and rank == 0
-    callbacks = [ScheduleCB(schedule), TrainMetricsCB(),
-                 EvalCB(ev, attack, cfg.eval_every, cfg.eval_batch_size, cfg.amp if cfg.amp_eval else "none", rank, ws,
-                        keep_adv=cfg.cas_split if (cfg.cas_every and ws == 1) else None)]
-    if cfg.cas_every:
-        callbacks.append(CASCB(cfg.cas_split, *ev[cfg.cas_split], attack, cfg.cas_every, classes, run_dir if write else None,
-                               cfg.eval_batch_size, write=rank == 0))
-    if cfg.kd != "none":
-        teacher = copy.deepcopy(raw) if cfg.kd == "ema" else _load_teacher(cfg, len(classes), train_ds.x.shape[1:], device)
-        callbacks.append(DistillCB(teacher, cfg.kd_decay if cfg.kd == "ema" else None, cfg.kd_temperature, cfg.kd_weight,
-                                   cfg.kd_start, cfg.kd_end))
-    ck_cb = CheckpointCB(run_dir or ".", cfg, info, schedule, write=write)
-    callbacks.append(ck_cb)
-    if write and cfg.figures: callbacks.append(FiguresCB(run_dir, cfg.milestones if cfg.schedule == "multistep" else ()))
+    callbacks = _callbacks(cfg, splits, device, channels_last, schedule, info, run_dir, rank, ws, raw)
     if not quiet and rank == 0: callbacks.append(ProgressCB())
     t = Trainer(model, make_loss(cfg), opt, dl, cfg.epochs, callbacks + list(cbs), amp=cfg.amp, scaler=scaler,
                 attack_model=attack_model, raw_model=raw, channels_last=channels_last)
-    t.cfg, t.splits, t.device, t.rank, t.world_size, t.run_dir = cfg, splits, device, rank, ws, run_dir
+    t.cfg, t.splits, t.device, t.rank, t.world_size, t.run_dir, t.owns_group = cfg, splits, device, rank, ws, run_dir, owns_group
+    ck_cb = next(cb for cb in callbacks if isinstance(cb, CheckpointCB))
     if checkpoint is not None: _restore(t, checkpoint, ck_cb, rank, ws)
     return t
 
+# %% ../nbs/06_training.ipynb #82c08234
 def _load_teacher(cfg, num_classes, input_shape, device):
     p = Path(cfg.kd_teacher)
     teacher, _, info = _model_from_checkpoint(load_checkpoint(p), p)
@@ -961,11 +1083,11 @@ def _restore(t: Trainer, ck: dict, ck_cb: CheckpointCB, rank: int, ws: int) -> N
     t.history, t.start_epoch = list(ck["history"]), ck["epoch"]
     ck_cb.best_score, ck_cb.best_epoch = ck["best_score"], ck["best_epoch"]
     rng = ck["rng"]
-    if len(rng) == ws: set_rng_state(rng[rank])
+    if len(rng) == ws: set_rng_state(rng[rank], devices=[t.device])
     else: set_seed(t.cfg.seed + 7919 * ck["epoch"] + rank)  # another number of processes: continue, but not bit-exact
 
 # %% ../nbs/06_training.ipynb #9205d2df
-_RESUMABLE = {"epochs", "device", "num_threads", "compile", "figures", "name"}
+_RESUMABLE = {"epochs", "device", "num_threads", "compile", "figures", "name", "tensorboard", "final_eval"}
 
 def _config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
     da, db = a.to_dict(), b.to_dict()
@@ -978,6 +1100,7 @@ def _prune_future(p: Path, ck: dict) -> None:
         try: n = int(f.stem.split("_")[1])
         except (IndexError, ValueError): continue
         if n > e: f.unlink(missing_ok=True)
+    (p / "final_eval.json").unlink(missing_ok=True)
     if (p / "best.pt").exists():
         try: be = safe_load(p / "best.pt").get("epoch")
         except CheckpointError: be = None
@@ -1018,9 +1141,11 @@ def train(config: TrainConfig | str | None = None, # a config, a preset name, or
             raise RunDirError(f"changing epochs of a {cfg.schedule} schedule changes every learning rate: start a new run")
         if ck is not None and ck["epoch"] > cfg.epochs:
             raise InputError(f"the run already has {ck['epoch']} epochs, more than epochs={cfg.epochs}: ask for more epochs")
+    if cfg.tensorboard: require_tensorboard()
     lock = RunLock(out)
     if int(os.environ.get("RANK", "0")) == 0 and lock.owner() is not None: lock.acquire()   # raises: in use
     t = make_trainer(cfg, out, checkpoint=ck, quiet=quiet, cbs=cbs)
+    finished = False
     try:
         err = None
         if t.rank == 0:
@@ -1030,10 +1155,18 @@ def train(config: TrainConfig | str | None = None, # a config, a preset name, or
             msg = [str(err) if err else None]; torch.distributed.broadcast_object_list(msg, src=0)
             if msg[0] and err is None: err = RunDirError(msg[0])
         if err is not None: raise err
-        t.fit()
+        with images_checked(): t.fit()       # the data were validated at load: no per-batch checks that wait
+        finished = True
     finally:
         lock.release()
+        _leave_process_group(t, finished)
     return out
+
+def _leave_process_group(t: Trainer, finished: bool) -> None:
+    "Destroy the process group this run created; after a barrier, so that no process leaves while another still talks."
+    if not t.owns_group: return
+    if finished: torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 def _open_run_dir(out: Path, lock: RunLock, cfg: TrainConfig, ck, history, state: str, overwrite: bool) -> None:
     "Rank 0: create and lock the run directory, clean it as asked, write config.json."

@@ -1,5 +1,6 @@
 """DistributedDataParallel on the CPU: torchrun with 2 processes and the gloo backend, as on a multi-GPU machine.
-Checks that the data are sharded, metrics reduced over both processes, weights stay in sync, and only rank 0 writes."""
+Checks that the data are sharded, metrics reduced over both processes, weights stay in sync, only rank 0 writes, and
+that `train` leaves no process group behind (it creates the group and destroys it after a barrier, run after run)."""
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ import torch
 from crossclass_nb.training import get_config, load_checkpoint, load_metrics
 
 SCRIPT = r"""
-import json, sys, torch, torch.distributed as dist
+import json, os, sys, torch, torch.distributed as dist
 from crossclass_nb.training import Callback, TrainConfig, train
 
 class SyncCheck(Callback):
@@ -21,11 +22,13 @@ class SyncCheck(Callback):
     def after_fit(self, t):
         s = torch.stack([p.detach().double().sum() for p in t.raw.parameters()]).tolist()
         sums = [None] * dist.get_world_size(); dist.all_gather_object(sums, s)
-        if t.rank == 0: open(self.path, "w").write(json.dumps({"world_size": t.world_size, "sums": sums}))
+        self.report = {"world_size": t.world_size, "sums": sums}
 
 for cfg_path, out, check in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
-    train(TrainConfig.from_json(cfg_path), out, quiet=True, cbs=[SyncCheck(check)])
-dist.destroy_process_group()
+    cb = SyncCheck(check)
+    train(TrainConfig.from_json(cfg_path), out, quiet=True, cbs=[cb])
+    cb.report["destroyed"] = not dist.is_initialized()
+    if int(os.environ["RANK"]) == 0: open(check, "w").write(json.dumps(cb.report))
 """
 
 
@@ -57,6 +60,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
         sums = json.loads((tmp_path / f"{name}_sums.json").read_text())
         assert sums["world_size"] == 2 and sums["sums"][0] == sums["sums"][1], "weights out of sync across ranks"
+        assert sums["destroyed"], "train() left its process group behind"
         assert rows[-1]["train_loss"] < rows[0]["train_loss"] or rows[-1]["train_clean_acc"] > 0.3
     assert "cas" in load_metrics(tmp_path / "pgd")[-1] and (tmp_path / "pgd" / "cas" / "epoch_002.json").exists()
     assert not (tmp_path / "trades_kd" / "cas").exists()
