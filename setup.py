@@ -22,6 +22,7 @@ setuptools.setup(
     author=cfg["author"],
     author_email=cfg["author_email"],
     license="Apache-2.0",
+    license_files=["LICENSE"],
     url=cfg["git_url"],
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
     include_package_data=True,
