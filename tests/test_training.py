@@ -167,3 +167,17 @@ def test_label_noise_flips_exactly_the_fraction_of_training_labels_only():
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(InputError, match="label_noise"):
             get_config("fmnist-tiny", label_noise=bad)
+
+
+def test_run_files_get_the_users_permissions(tmp_path):
+    "Results and checkpoints are written through a private temporary file, then given the mode any new file gets."
+    (tmp_path / "plain").write_text("x")
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    run = train(get_config("fmnist-tiny", epochs=1, cas_every=1, final_eval=True), tmp_path / "run")
+    files = ["config.json", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "final_eval.json",
+             "cas/epoch_001.json", "figures/curves.png"]
+    assert {f: (run / f).stat().st_mode & 0o777 for f in files} == {f: expected for f in files}
+    old = os.umask(0o077)
+    try: train(get_config("fmnist-tiny", epochs=1, cas_every=0, figures=False), tmp_path / "private")
+    finally: os.umask(old)
+    assert (tmp_path / "private" / "last.pt").stat().st_mode & 0o777 == 0o600
