@@ -30,15 +30,15 @@ from .training import Callback, TrainConfig, get_config, load_metrics, run_dir_s
 
 # %% auto #0
 __all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER_CIFAR100', 'FMNIST_SCALES', 'STUDY_FILES',
-           'EARLY_FRACTION', 'VERDICTS', 'OVERFIT_GAP', 'CAS_MARGIN', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS',
+           'EARLY_FRACTION', 'VERDICTS', 'OVERFIT_GAP', 'CONFIDENCE', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS',
            'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'REGIME_SEARCH', 'method_overrides', 'eps_overrides',
            'RunSpec', 'Study', 'make_study', 'fmnist_config', 'fmnist_study', 'paper_study', 'run_finished', 'ReportCB',
            'train_spec', 'StudyProgress', 'run_study', 'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record',
            'load_study', 'study_summary', 'mean_sd', 'fmt_spread', 'plot_run_curves', 'plot_run_matrices',
-           'plot_per_class', 'plot_methods', 'plot_eps_sweep', 'sign_verdict', 'overfits', 'evaluate_claims', 'Table',
-           'methods_table', 'eps_table', 'paper_table', 'claims_table', 'analyse_study', 'make_light', 'report_figures',
-           'write_report', 'get_study', 'parse_seeds', 'reproduce', 'add_reproduce_parser', 'run_reproduce',
-           'search_study', 'search_table', 'plot_search']
+           'plot_per_class', 'plot_methods', 'plot_eps_sweep', 'mean_ci', 'direction', 'fmt_ci', 'sign_verdict',
+           'parts_verdict', 'overfits', 'evaluate_claims', 'Table', 'methods_table', 'eps_table', 'paper_table',
+           'claims_table', 'analyse_study', 'make_light', 'report_figures', 'write_report', 'get_study', 'parse_seeds',
+           'reproduce', 'add_reproduce_parser', 'run_reproduce', 'search_study', 'search_table', 'plot_search']
 
 # %% ../nbs/07_robust_overfitting.ipynb #b2cab781
 METHODS = {
@@ -417,17 +417,13 @@ def checkpoint_epochs(rows: list[dict], # `load_metrics` of a run
 
 # %% ../nbs/07_robust_overfitting.ipynb #e7280128
 def spearman(a, b) -> float:
-    "Spearman rank correlation of two sequences (average ranks for ties); NaN with fewer than 3 pairs or no variation."
+    "Spearman rank correlation (`scipy.stats.spearmanr`); NaN with fewer than 3 pairs or no variation."
+    from scipy.stats import spearmanr
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) != len(b): raise InputError(f"spearman needs sequences of equal length, got {len(a)} and {len(b)}")
-    if len(a) < 3: return float("nan")
-    def ranks(v):
-        order = np.argsort(v, kind="mergesort"); r = np.empty(len(v)); r[order] = np.arange(len(v), dtype=float)
-        for x in np.unique(v): r[v == x] = r[v == x].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0: return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0: return float("nan")
+    return float(spearmanr(a, b).statistic)
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #8f8bd92d
 def run_summary(run_dir: str | Path, # a run directory (full, or light: no checkpoints)
@@ -626,20 +622,46 @@ def plot_eps_sweep(out_dir: str | Path): # a study directory
 
 # %% ../nbs/07_robust_overfitting.ipynb #0b4a1386
 VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
-OVERFIT_GAP = 1.0 # points of test robust accuracy (best - last), mean over seeds, for a setting to count as overfitting
-CAS_MARGIN = 1.0 # CAS units a difference must exceed on average to count as clear
-RHO_CLEAR = 0.5 # |Spearman rho| of a clear trend over epochs
+OVERFIT_GAP = 3.0 # points of test robust accuracy (best - last), mean over seeds, for a setting to count as overfitting
+CONFIDENCE = 0.95 # level of the paired confidence interval that decides whether a difference is clear
+RHO_CLEAR = 0.5 # |Spearman rho| of a clear trend over epochs (same sign in every seed)
 RHO_TREND = 0.8 # Spearman rho of a clear trend over the eps sweep
 
-def sign_verdict(values, # one number per seed, positive when the claim holds
-                 margin: float = 0.0, # the mean must exceed this for "reproduced"
-                ) -> str:
-    "'reproduced' if the mean exceeds `margin` and every seed is > 0, 'partly' if the mean is > 0, else 'not reproduced'."
-    v = [x for x in values if _finite(x)]
-    if not v: return "not testable here"
-    m = float(np.mean(v))
-    if m > margin and all(x > 0 for x in v): return "reproduced"
-    return "partly" if m > 0 else "not reproduced"
+def mean_ci(values) -> tuple[float, float, float]:
+    "Mean and the Student-t `CONFIDENCE` interval of the mean of the finite values (NaN interval for fewer than 2)."
+    from scipy.stats import t as student_t
+    v = np.array([x for x in values if _finite(x)], float)
+    if len(v) == 0: return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    if len(v) < 2: return m, float("nan"), float("nan")
+    half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, m - half, m + half
+
+def direction(values) -> int:
+    "+1 if the confidence interval of the mean lies above 0, -1 if below, 0 if it holds 0 (or has fewer than 2 values)."
+    _, lo, hi = mean_ci(values)
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+# %% ../nbs/07_robust_overfitting.ipynb #cfb971ac
+_DIRECTION = {1: "clearly positive", 0: "unclear", -1: "clearly negative"}
+
+def fmt_ci(values, digits: int = 1) -> str:
+    "'mean [low, high] (v1, v2, ...)': the confidence interval of the mean and the per-seed values."
+    m, lo, hi = mean_ci(values)
+    if math.isnan(m): return "n/a"
+    each = ", ".join("n/a" if not _finite(v) else f"{v:.{digits}f}" for v in values)
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] ({each})" if not math.isnan(lo) else f"{m:.{digits}f} ({each})"
+
+def sign_verdict(values) -> str:
+    "'reproduced' if the values are clearly positive (confidence interval above 0), else 'not reproduced'."
+    if not [x for x in values if _finite(x)]: return "not testable here"
+    return "reproduced" if direction(values) > 0 else "not reproduced"
+
+def parts_verdict(parts) -> str:
+    "Every part clear in the claimed direction -> reproduced; some -> partly; none -> not reproduced."
+    if not parts: return "not testable here"
+    return "reproduced" if all(parts) else "partly" if any(parts) else "not reproduced"
 
 def overfits(gaps) -> bool:
     "Robust overfitting: best - last test robust accuracy >= `OVERFIT_GAP` points on average and > 0 in every seed."
@@ -653,18 +675,23 @@ def _combine(verdicts) -> str:
     if all(x == "reproduced" for x in v): return "reproduced"
     return "partly" if any(x in ("reproduced", "partly") for x in v) else "not reproduced"
 
+
 # %% ../nbs/07_robust_overfitting.ipynb #2b8eb068
+def _ci_text(values) -> str: return f"{fmt_ci(values)}, {_DIRECTION[direction(values)]}"
+
 def _claim1(rows, main_eps, unit):
     at = [r for r in rows if r["method"] == "at"]
     if not at: return "not testable here", "no hard-label AT runs", {}
-    parts, verdicts, nums = [], [], {}
+    parts, clear, nums = [], [], {}
     for e in sorted({r["eps"] for r in at}):
         rs = _pick(rows, "at", e); g, d = _col(rs, "gap"), _col(rs, "dcas")
-        nums[f"eps={e / unit:.4g}"] = {"gap": g, "dcas": d, "overfits": overfits(g)}
-        parts.append(f"eps {e / unit:.4g}: gap {fmt_spread(g)} pt, ΔCAS {fmt_spread(d)}" + (" (overfits)" if overfits(g) else ""))
-        if overfits(g): verdicts.append(sign_verdict(d, CAS_MARGIN))
-    if not verdicts: return "not testable here", "no setting overfits; " + "; ".join(parts), nums
-    return _combine(verdicts), "; ".join(parts), nums
+        nums[f"eps={e / unit:.4g}"] = {"gap": g, "dcas": d, "overfits": overfits(g), "dcas_ci": mean_ci(d)}
+        text = f"eps {e / unit:.4g}: gap {fmt_spread(g)} pt"
+        parts.append(text + (f" (overfits), ΔCAS {_ci_text(d)}" if overfits(g) else f", ΔCAS {fmt_spread(d)}"))
+        if overfits(g): clear.append(direction(d) > 0)
+    if not clear: return "not testable here", "no setting overfits; " + "; ".join(parts), nums
+    return parts_verdict(clear), "; ".join(parts), nums
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #1c1da2c9
 def _claim2(rows, main_eps, unit):
@@ -675,36 +702,51 @@ def _claim2(rows, main_eps, unit):
             f"(epoch {rs[0]['early_epoch']}), best {fmt_spread(_col(rs, 'cas_best'))} (epochs {', '.join(str(r['best_epoch']) for r in rs)}), "
             f"max {fmt_spread(_col(rs, 'cas_max'))} (epochs {', '.join(str(r['cas_max_epoch']) for r in rs)})")
     nums = {"rho_rise": rho, "cas_early": _col(rs, "cas_early"), "cas_best": _col(rs, "cas_best")}
-    v = [x for x in rho if _finite(x)]
-    if not v: return "not testable here", text + " (best checkpoint before the third measurement)", nums
-    if all(x >= RHO_CLEAR for x in v): return "reproduced", text, nums
-    return ("partly" if np.mean(v) > 0 else "not reproduced"), text, nums
+    if not [x for x in rho if _finite(x)]: return "not testable here", text + " (best checkpoint before the third measurement)", nums
+    return parts_verdict([all(_finite(x) and x >= RHO_CLEAR for x in rho)]), text, nums
+
+def _comovement(rows, main_eps) -> str:
+    "Gap, ΔCAS and ρ after best of the other methods at the main eps (reported beside claim 3)."
+    out = []
+    for m in [m for m in METHODS if m != "at"]:
+        rs = _pick(rows, m, main_eps)
+        if rs: out.append(f"{m}: gap {fmt_spread(_col(rs, 'gap'))}, ΔCAS {fmt_spread(_col(rs, 'dcas'))}, "
+                          f"ρ fall {fmt_spread(_col(rs, 'rho_fall'), 2)}")
+    return ("; other methods: " + "; ".join(out)) if out else ""
 
 def _claim3(rows, main_eps, unit):
     rs = _pick(rows, "at", main_eps)
     if not rs: return "not testable here", "no hard-label AT runs at the main eps", {}
     g, rho, d = _col(rs, "gap"), _col(rs, "rho_fall"), _col(rs, "dcas")
-    text = (f"gap {fmt_spread(g)} pt; ρ(epoch, CAS) from best to last {fmt_spread(rho, 2)}; ΔCAS {fmt_spread(d)}; "
-            f"train robust acc at last {fmt_spread(_col(rs, 'train_rob_last'))}%")
-    nums = {"gap": g, "rho_fall": rho, "dcas": d}
+    text = (f"gap {fmt_spread(g)} pt; ΔCAS {_ci_text(d)}; ρ(epoch, CAS) from best to last {fmt_spread(rho, 2)}; "
+            f"train robust acc at last {fmt_spread(_col(rs, 'train_rob_last'))}%" + _comovement(rows, main_eps))
+    nums = {"gap": g, "rho_fall": rho, "dcas": d, "dcas_ci": mean_ci(d)}
     if not overfits(g): return "not testable here", "no robust overfitting: " + text, nums
-    if all(_finite(r) and r <= -RHO_CLEAR for r in rho) and all(x > CAS_MARGIN for x in d): return "reproduced", text, nums
-    return ("partly" if (np.nanmean(rho) < 0 or np.mean(d) > 0) else "not reproduced"), text, nums
+    return parts_verdict([direction(d) > 0, all(_finite(r) and r <= -RHO_CLEAR for r in rho)]), text, nums
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #c7bafdb0
+def _eps_trend(rows, eps_values, key) -> tuple[list, float, bool]:
+    "Seed means of `key` over eps, their Spearman rho with eps, and whether largest − smallest eps is clearly positive."
+    means = [mean_sd(_col(_pick(rows, "at", e), key))[0] for e in eps_values]
+    lo, hi = ({r["seed"]: r[key] for r in _pick(rows, "at", e)} for e in (eps_values[0], eps_values[-1]))
+    paired = [hi[s] - lo[s] for s in hi if s in lo]
+    return means, spearman(eps_values, means), direction(paired) > 0
+
 def _claim4(rows, main_eps, unit):
     eps_values = sorted({r["eps"] for r in rows if r["method"] == "at"})
     if len(eps_values) < 3: return "not testable here", f"the study has {len(eps_values)} eps value(s), the criterion needs 3", {}
-    md = [mean_sd(_col(_pick(rows, "at", e), "dcas"))[0] for e in eps_values]
-    mg = [mean_sd(_col(_pick(rows, "at", e), "gap"))[0] for e in eps_values]
+    md, rd, cd = _eps_trend(rows, eps_values, "dcas")
+    mg, rg, cg = _eps_trend(rows, eps_values, "gap")
     any_over = any(overfits(_col(_pick(rows, "at", e), "gap")) for e in eps_values)
-    rd, rg = spearman(eps_values, md), spearman(eps_values, mg)
     text = (f"eps {', '.join(f'{e / unit:.4g}' for e in eps_values)}: mean ΔCAS {', '.join(f'{x:.1f}' for x in md)} "
-            f"(ρ {rd:.2f}); mean gap {', '.join(f'{x:.1f}' for x in mg)} pt (ρ {rg:.2f})" + ("" if any_over else "; no eps overfits"))
+            f"(ρ {rd:.2f}, largest − smallest eps {'clearly positive' if cd else 'not clear'}); mean gap "
+            f"{', '.join(f'{x:.1f}' for x in mg)} pt (ρ {rg:.2f}, {'clearly positive' if cg else 'not clear'})"
+            + ("" if any_over else "; no eps overfits"))
     nums = {"eps": eps_values, "dcas": md, "gap": mg, "rho_dcas": rd, "rho_gap": rg}
     up = lambda r: _finite(r) and r >= RHO_TREND
-    if up(rd) and up(rg) and any_over: return "reproduced", text, nums
-    return ("partly" if up(rd) or (up(rg) and any_over) else "not reproduced"), text, nums
+    return parts_verdict([up(rd) and cd, up(rg) and cg and any_over]), text, nums
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #6b965b83
 def _claim5(rows, main_eps, unit):
@@ -712,18 +754,16 @@ def _claim5(rows, main_eps, unit):
     soft = [m for m in SOFT_METHODS if _pick(rows, m, main_eps)]
     if not hard or not soft: return "not testable here", "the study needs hard-label AT and at least one soft-label method", {}
     testable_b = overfits([r["gap"] for r in hard.values()])
-    parts, va, vb, nums = [], [], [], {}
+    texts, parts, nums = [], [], {}
     for m in soft:
         rs = [r for r in _pick(rows, m, main_eps) if r["seed"] in hard]
         a = [r["cas_last"] - hard[r["seed"]]["cas_last"] for r in rs]
         b = [hard[r["seed"]]["gap"] - r["gap"] for r in rs]
-        va.append(sign_verdict(a, CAS_MARGIN)); nums[m] = {"cas_last_diff": a, "gap_reduction": b}
-        if testable_b: vb.append(sign_verdict(b))
-        parts.append(f"{m}: CAS(last) − hard {fmt_spread(a)}, gap reduction {fmt_spread(b)} pt")
-    text = "; ".join(parts) + ("" if testable_b else " (hard-label AT does not overfit: the gap part is untestable)")
-    if all(v == "reproduced" for v in va) and testable_b and all(v in ("reproduced", "partly") for v in vb):
-        return "reproduced", text, nums
-    return ("partly" if any(v in ("reproduced", "partly") for v in va + vb) else "not reproduced"), text, nums
+        parts += [direction(a) > 0] + ([direction(b) > 0] if testable_b else [False])
+        nums[m] = {"cas_last_diff": a, "gap_reduction": b, "cas_last_diff_ci": mean_ci(a), "gap_reduction_ci": mean_ci(b)}
+        texts.append(f"{m}: CAS(last) − hard {_ci_text(a)}; gap reduction {_ci_text(b)} pt")
+    text = "; ".join(texts) + ("" if testable_b else " (hard-label AT does not overfit: the gap part is untestable)")
+    return parts_verdict(parts), text, nums
 
 def _claim_std(rows, main_eps, unit):
     hard = {r["seed"]: r for r in _pick(rows, "at", main_eps)}
@@ -731,37 +771,41 @@ def _claim_std(rows, main_eps, unit):
     if not std: return "not testable here", "the study has no standard-training runs", {}
     d = [hard[r["seed"]]["cas_best"] - r["cas_best"] for r in std]
     text = (f"CAS(best) AT {fmt_spread([hard[r['seed']]['cas_best'] for r in std])} vs standard "
-            f"{fmt_spread(_col(std, 'cas_best'))}; difference {fmt_spread(d)}")
-    return sign_verdict(d, CAS_MARGIN), text, {"diff": d}
+            f"{fmt_spread(_col(std, 'cas_best'))}; difference {_ci_text(d)}")
+    return sign_verdict(d), text, {"diff": d, "diff_ci": mean_ci(d)}
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #80e1ed6f
+_CLEAR = (f"A difference is clear when the {100 * CONFIDENCE:g}% Student-t interval of its per-seed mean (paired by seed) "
+          "excludes 0; with one seed nothing is clear. ")
 CLAIMS = [
     {"id": "1", "claim": "Cross-class features help robustness: best checkpoints have higher CAS than overfitted ones, in every setting.",
-     "criterion": f"Hard-label AT at every eps of the study, seed by seed: ΔCAS = CAS(best) − CAS(last). Only settings that "
-                  f"overfit count (test robust accuracy best − last ≥ {OVERFIT_GAP} point on average and > 0 in every seed); "
-                  f"with none the claim is not testable here. Reproduced: in every overfitting setting ΔCAS > {CAS_MARGIN} on "
-                  "average and > 0 in every seed; partly: mean ΔCAS > 0 in some overfitting setting; otherwise not reproduced.",
+     "criterion": _CLEAR + f"Hard-label AT at every eps of the study: ΔCAS = CAS(best) − CAS(last) per seed. Only settings "
+                  f"that overfit count (test robust accuracy best − last ≥ {OVERFIT_GAP:g} points on average and > 0 in every "
+                  "seed); with none the claim is not testable here. Reproduced: ΔCAS clearly positive in every overfitting "
+                  "setting; partly: in some; otherwise not reproduced.",
      "test": _claim1},
     {"id": "2", "claim": "Early in adversarial training CAS rises up to the best-robust-accuracy checkpoint.",
      "criterion": f"Hard-label AT at the main eps: Spearman ρ between epoch and CAS over the measured epochs up to the best "
-                  f"checkpoint, per seed. Reproduced: ρ ≥ {RHO_CLEAR} in every seed; partly: mean ρ > 0; otherwise not "
-                  "reproduced; not testable if the best checkpoint comes before the third measurement.",
+                  f"checkpoint, per seed. Reproduced: ρ ≥ {RHO_CLEAR} in every seed; otherwise not reproduced; not testable "
+                  "if the best checkpoint comes before the third measurement.",
      "test": _claim2},
     {"id": "3", "claim": "Robust overfitting coincides with CAS falling: the model drops shared features for class-specific ones.",
-     "criterion": f"Hard-label AT at the main eps, if it overfits (as in claim 1; otherwise not testable here): Spearman ρ "
-                  f"between epoch and CAS from the best checkpoint to the last, and ΔCAS. Reproduced: ρ ≤ −{RHO_CLEAR} and "
-                  f"ΔCAS > {CAS_MARGIN} in every seed; partly: mean ρ < 0 or mean ΔCAS > 0; otherwise not reproduced.",
+     "criterion": _CLEAR + f"Hard-label AT at the main eps, if it overfits (as in claim 1; otherwise not testable here): (a) "
+                  f"ΔCAS clearly positive, (b) Spearman ρ between epoch and CAS from the best checkpoint to the last ≤ "
+                  f"−{RHO_CLEAR} in every seed. Reproduced: both; partly: one; otherwise not reproduced. The other methods' "
+                  "gap, ΔCAS and ρ are reported beside it.",
      "test": _claim3},
     {"id": "4", "claim": "Larger eps means more forgetting (ΔCAS) and more robust overfitting, up to very large eps.",
-     "criterion": f"Hard-label AT over the eps sweep (≥ 3 values): Spearman ρ between eps and the seed-mean ΔCAS, and between "
-                  f"eps and the seed-mean gap. Reproduced: both ρ ≥ {RHO_TREND} and some eps overfits; partly: the ΔCAS trend "
-                  f"alone (ρ ≥ {RHO_TREND}), or the gap trend with some eps overfitting; otherwise not reproduced.",
+     "criterion": _CLEAR + f"Hard-label AT over the eps sweep (≥ 3 values): (a) Spearman ρ between eps and the seed-mean "
+                  f"ΔCAS ≥ {RHO_TREND} and ΔCAS(largest eps) − ΔCAS(smallest eps) clearly positive; (b) the same for the gap, "
+                  "with some eps overfitting. Reproduced: both; partly: one; otherwise not reproduced.",
      "test": _claim4},
     {"id": "5", "claim": "Soft labels (knowledge distillation, label smoothing) keep CAS high and shrink robust overfitting.",
-     "criterion": f"Each soft-label method against hard-label AT at the main eps, seed by seed: (a) CAS(last, soft) − "
-                  f"CAS(last, hard); (b) gap(hard) − gap(soft), testable only if hard-label AT overfits. Reproduced: (a) > "
-                  f"{CAS_MARGIN} on average and > 0 in every seed for every method, and (b) > 0 on average for every method; "
-                  "partly: (a) or (b) > 0 on average for some method; otherwise not reproduced.",
+     "criterion": _CLEAR + "Each soft-label method against hard-label AT at the main eps, seed by seed: (a) CAS(last, soft) − "
+                  "CAS(last, hard) clearly positive; (b) gap(hard) − gap(soft) clearly positive, testable only if hard-label "
+                  "AT overfits (an untestable part counts as not shown). Reproduced: (a) and (b) for every method; partly: "
+                  "some of them; otherwise not reproduced.",
      "test": _claim5},
     {"id": "6", "claim": "Together: robust overfitting is the loss of cross-class features, and soft labels help by keeping them.",
      "criterion": "Claims 3 and 5 together. Not testable here if claim 3 is not (no robust overfitting to explain); reproduced "
@@ -769,8 +813,8 @@ CLAIMS = [
      "test": None},
     {"id": "S", "claim": "(Context, not one of the paper's numbered claims.) Adversarially trained models use more cross-class "
                          "features than standard training.",
-     "criterion": f"CAS(best, hard-label AT) − CAS(best, standard training), both on PGD test examples at the main eps, per "
-                  f"seed. Reproduced: > {CAS_MARGIN} on average and > 0 in every seed; partly: > 0 on average; otherwise not reproduced.",
+     "criterion": _CLEAR + "CAS(best, hard-label AT) − CAS(best, standard training), both on PGD test examples at the main "
+                  "eps, per seed. Reproduced: clearly positive; otherwise not reproduced.",
      "test": _claim_std},
 ]
 

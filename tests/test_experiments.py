@@ -12,9 +12,10 @@ import pytest
 from scipy.stats import spearmanr
 
 from crossclass_nb.core import InputError, RunDirError
-from crossclass_nb.experiments import (CLAIMS, METHODS, SOFT_METHODS, VERDICTS, RunSpec, Study, Table, evaluate_claims,
-                                       fmnist_config, fmnist_study, get_study, make_light, make_study, overfits, parse_seeds,
-                                       run_study, run_summary, sign_verdict, spearman, study_summary, write_report)
+from crossclass_nb.experiments import (CLAIMS, METHODS, SOFT_METHODS, VERDICTS, RunSpec, Study, Table, direction,
+                                       evaluate_claims, fmnist_config, fmnist_study, get_study, make_light, make_study, mean_ci,
+                                       overfits, parse_seeds, parts_verdict, run_study, run_summary, sign_verdict, spearman,
+                                       study_summary, write_report)
 from crossclass_nb.training import write_metrics
 
 CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
@@ -65,12 +66,22 @@ def test_spearman_matches_scipy():
 
 
 def test_verdict_rules():
-    assert sign_verdict([2, 3], 1) == "reproduced"
-    assert sign_verdict([0.5, 0.6], 1) == "partly"
-    assert sign_verdict([5, -1], 1) == "partly"
-    assert sign_verdict([-5, 1], 1) == "not reproduced"
-    assert sign_verdict([float("nan")], 1) == "not testable here"
-    assert overfits([1.2, 0.9]) and not overfits([3.0, -0.1]) and not overfits([0.5, 0.5])
+    assert sign_verdict([2, 3, 2.5]) == "reproduced"
+    assert sign_verdict([5, -1, 4]) == "not reproduced"          # positive on average, but inside the seed spread
+    assert sign_verdict([0.5, 0.6]) == "not reproduced" and sign_verdict([9.0]) == "not reproduced"   # 2 close seeds: t(1) is wide
+    assert sign_verdict([float("nan")]) == "not testable here"
+    assert direction([-2, -3, -2.5]) == -1 and direction([2, -3, 2.5]) == 0
+    assert parts_verdict([True, False]) == "partly" and parts_verdict([False, False]) == "not reproduced"
+    assert overfits([3.2, 2.9]) and not overfits([1.2, 0.9]) and not overfits([6.0, -0.1])
+
+
+def test_ci_is_the_paired_t_interval():
+    from scipy.stats import ttest_1samp
+    d = [1.5, 0.2, 2.9, 1.1]
+    m, lo, hi = mean_ci(d)
+    ci = ttest_1samp(d, 0).confidence_interval(0.95)
+    assert math.isclose(lo, ci.low) and math.isclose(hi, ci.high) and math.isclose(m, sum(d) / 4)
+    assert direction(d) == (1 if ttest_1samp(d, 0).pvalue < 0.05 else 0)
 
 
 def test_run_summary_reads_the_run(tmp_path):
@@ -143,8 +154,12 @@ def test_study_directory_is_never_clobbered(tmp_path):
 
 
 def test_presets_and_seeds():
-    assert len(get_study("fmnist-cpu").runs) == 14 and len(get_study("fmnist-cpu", seeds=(0, 1, 2)).runs) == 21
-    kd = [r for r in get_study("fmnist-cpu").runs if r.method == "kd_at"]
+    assert len(get_study("fmnist-noise").runs) == 14 and len(get_study("fmnist-clean").runs) == 21
+    assert {r.config.label_noise for r in get_study().runs} == {0.3}                  # the default study overfits
+    assert {r.config.label_noise for r in get_study("fmnist-clean").runs} == {0.0}
+    assert all(r.config.data_seed == r.seed for r in get_study("fmnist-clean").runs)   # each seed its own subset
+    assert min(r.config.test_size for r in get_study("fmnist-clean").runs) >= 2000
+    kd = [r for r in get_study("fmnist-noise").runs if r.method == "kd_at"]
     assert [r.teacher for r in kd] == ["at_eps0.1_s0", "at_eps0.1_s1"]
     assert parse_seeds("3") == (0, 1, 2) and parse_seeds("1,5") == (1, 5)
     with pytest.raises(InputError): parse_seeds("-1")
