@@ -5,19 +5,27 @@
 # %% ../nbs/03_models.ipynb #5037bd00
 from __future__ import annotations
 
+import difflib
+import importlib
+import importlib.util
 import inspect
 import math
+import sys
+from collections import OrderedDict
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import InputError
+from .core import CheckpointError, InputError, safe_load
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'Normalize', 'Classifier', 'conv_bn_relu', 'small_cnn_body', 'PreActBlock', 'PoolFlatten',
-           'preact_resnet18_body', 'BasicBlock', 'resnet18_body', 'wrn_body', 'CheckedFlatten', 'mlp_body', 'get_model']
+__all__ = ['MODEL_NAMES', 'ZOO_SOURCES', 'Normalize', 'Classifier', 'GridPool', 'conv_bn_relu', 'small_cnn_body', 'PreActBlock',
+           'PoolFlatten', 'preact_resnet18_body', 'BasicBlock', 'resnet18_body', 'wrn_body', 'CheckedFlatten',
+           'mlp_body', 'check_model_name', 'get_model', 'SplitClassifier', 'as_classifier', 'load_arch',
+           'load_robustbench']
 
 # %% ../nbs/03_models.ipynb #b9c55149
 def _channel_stats(v, # None, a number, or one number per channel
@@ -84,6 +92,28 @@ class Classifier(nn.Module):
         "Logits `head(features(x))`."
         return self.head(self.features(x))
 
+# %% ../nbs/03_models.ipynb #32b2ae4c
+def _pool_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    "size x n matrix whose row i averages window i of adaptive average pooling from n to size."
+    i, j = torch.arange(size, device=like.device), torch.arange(n, device=like.device)
+    start, end = (i * n) // size, ((i + 1) * n + size - 1) // size
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+class GridPool(nn.Module):
+    "Average pooling to a `size` x `size` grid, as `AdaptiveAvgPool2d(size)`, with a deterministic CUDA backward."
+    def __init__(self, size: int = 4): # the side of the output grid
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h % self.size == 0 and w % self.size == 0: return F.avg_pool2d(x, (h // self.size, w // self.size))
+        rows, cols = _pool_matrix(h, self.size, x), _pool_matrix(w, self.size, x)
+        return torch.einsum("nchw,ih,jw->ncij", x, rows, cols)
+
+    def extra_repr(self): return f"size={self.size}"
+
 # %% ../nbs/03_models.ipynb #0252a5d6
 def conv_bn_relu(ni: int, nf: int, stride: int = 1) -> nn.Sequential:
     "3x3 convolution, BatchNorm, ReLU."
@@ -96,7 +126,7 @@ def small_cnn_body(in_channels: int = 1, # input channels
     "Body of `small_cnn`: (module, number of features)."
     body = nn.Sequential(conv_bn_relu(in_channels, width), nn.MaxPool2d(2),
                          conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),
-                         nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                         GridPool(4), nn.Flatten(),
                          nn.Linear(2 * width * 16, hidden), nn.ReLU(inplace=True))
     return body, hidden
 
@@ -208,23 +238,264 @@ _BODIES = {"preact_resnet18": preact_resnet18_body, "resnet18": resnet18_body,
            "wrn34_10": wrn_body, "small_cnn": small_cnn_body, "mlp": mlp_body}
 MODEL_NAMES = tuple(_BODIES)
 
+# %% ../nbs/03_models.ipynb #8b0a2c4b
+ZOO_SOURCES = ("torchvision", "timm")
+
+def _timm():
+    try: import timm
+    except ImportError:
+        from crossclass_nb.attacks import MissingExtraError
+        raise MissingExtraError('timm models need timm, an optional extra: pip install -e ".[zoo]" '
+                                '(or pip install timm)') from None
+    return timm
+
+def _zoo_names(source: str) -> list[str]:
+    "The classification architectures that `source` can build."
+    if source == "timm": return _timm().list_models()
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
+
+# %% ../nbs/03_models.ipynb #df68af61
+def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
+                    ) -> str:
+    "Return `name` if `get_model` can build it; otherwise raise an `InputError` that names the choices."
+    choices = f"{', '.join(MODEL_NAMES)}, torchvision:NAME (e.g. torchvision:resnet18) or timm:NAME"
+    if not isinstance(name, str): raise InputError(f"a model name must be a string, got {name!r}: choose {choices}")
+    if name in MODEL_NAMES: return name
+    source, _, arch = name.partition(":")
+    if source not in ZOO_SOURCES or not arch: raise InputError(f"unknown model {name!r}: choose one of {choices}")
+    names = _zoo_names(source)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise InputError(f"{source} has no classification model {arch!r}{hint}: see {source}'s list of models")
+    return name
+
+# %% ../nbs/03_models.ipynb #f1d42d5e
+def _adapt_stem(net: nn.Module, in_channels: int) -> None:
+    "Rebuild the first convolution of `net` for `in_channels` input channels if it expects another number."
+    name, conv = next(((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if conv is None or conv.in_channels == in_channels: return
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode)
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent), child, new)
+
+def _zoo_network(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
+    "A freshly initialised torchvision or timm network (never pretrained weights: nothing is downloaded)."
+    source, _, arch = check_model_name(name).partition(":")
+    try:
+        if source == "timm":
+            return _timm().create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+        import torchvision
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
+    except TypeError as e: raise InputError(f"{name} does not take these options ({e}): check model_kwargs") from None
+    _adapt_stem(net, in_channels)
+    return net
+
 # %% ../nbs/03_models.ipynb #c76c21a4
-def get_model(name: str, # one of MODEL_NAMES
+def get_model(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
               num_classes: int = 10, # K, the number of classes
               in_channels: int = 3, # 1 for grey images, 3 for colour
               mean=None, # per-channel normalisation mean(s) in [0, 1] units, e.g. DATASET_STATS[...][0]; default 0.5
               std=None, # per-channel normalisation std(s); default 0.5
               **kw, # architecture options: small_cnn(width, hidden), mlp(input_shape, hidden), wrn34_10(depth, widen)
-             ) -> Classifier:
-    "Build a `Classifier` by name: inputs in [0, 1], `features(x)` = g(x), `head` = W."
-    if name not in _BODIES:
-        raise InputError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+             ) -> nn.Module:
+    "Build a classifier by name: inputs in [0, 1], `features(x)` = g(x), `head` = W."
+    check_model_name(name)
     for arg, v in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InputError(f"{arg} must be a positive integer, got {v!r}")
+    if name not in MODEL_NAMES:
+        net = _zoo_network(name, num_classes, in_channels, **kw)
+        return as_classifier(nn.Sequential(OrderedDict(norm=Normalize(mean, std, in_channels), net=net)))
     make = _BODIES[name]
     allowed = [p for p in inspect.signature(make).parameters if p != "in_channels"]
     bad = sorted(set(kw) - set(allowed))
     if bad: raise InputError(f"{name} does not take {', '.join(bad)}: its options are {', '.join(allowed) or 'none'}")
     body, n = make(in_channels=in_channels, **kw)
     return Classifier(body, n, num_classes, in_channels, mean, std)
+
+# %% ../nbs/03_models.ipynb #438f38a3
+class SplitClassifier(nn.Module):
+    "A network whose logits come out of its final `nn.Linear`, read as `head(features(x))`; `forward` is its own."
+    def __init__(self,
+                 model: nn.Module, # the network, unchanged
+                 head: str, # dotted name of its final nn.Linear, e.g. "fc" or "classifier.6"
+                ):
+        super().__init__()
+        self.model, self.head_name = model, head
+
+    @property
+    def head(self) -> nn.Linear:
+        "The network's own final layer (the same module, not a copy)."
+        return self.model.get_submodule(self.head_name)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        "The paper's g(x): the input of the head on a forward pass of the network."
+        seen = []
+        hook = self.head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        try: self.model(x)
+        finally: hook.remove()
+        return seen[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.model(x)
+
+# %% ../nbs/03_models.ipynb #a5c821ed
+def _first_attribute(model: nn.Module, name: str):
+    "The attribute `name` of the first submodule that has one (e.g. a wrapped network's image size)."
+    return next((getattr(m, name) for m in model.modules() if getattr(m, name, None) is not None), None)
+
+def _probe_input(model: nn.Module) -> torch.Tensor:
+    "Two random inputs in [0, 1] of the shape the network expects, read from its first layer and its config."
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d):
+        size = _first_attribute(model, "image_size") or ((_first_attribute(model, "pretrained_cfg") or {}).get("input_size")
+                                                         or (32,))[-1]   # torchvision ViT, timm; others take 32 x 32
+        shape = (first.in_channels, size, size)
+    elif isinstance(first, nn.Linear) and not isinstance(first, nn.LazyLinear): shape = (first.in_features,)
+    else: raise InputError(f"cannot tell what input {type(model).__name__} takes, to find its head: "
+                           "pass example=a batch of inputs, e.g. as_classifier(model, example=x[:2])")
+    p = next(model.parameters())
+    return torch.rand(2, *shape, device=p.device, dtype=p.dtype)
+
+# %% ../nbs/03_models.ipynb #d605083a
+def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
+    "The network's output on `x` (eval mode, no gradient) and the output of each of its nn.Linear layers by name."
+    outs = {}
+    hooks = [m.register_forward_hook(lambda module, args, out, name=name: outs.__setitem__(name, out))
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    was_training = model.training
+    try:
+        with torch.no_grad(): out = model.eval()(x)
+    finally:
+        model.train(was_training)
+        for h in hooks: h.remove()
+    return out, outs
+
+def _is_output(t: torch.Tensor, out) -> bool:
+    return isinstance(out, torch.Tensor) and t.shape == out.shape and torch.equal(t, out)
+
+# %% ../nbs/03_models.ipynb #d080990a
+def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None) -> str:
+    "The dotted name of the nn.Linear whose output is the network's output, checked on a forward pass."
+    what = type(model).__name__
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears: raise InputError(f"{what} has no nn.Linear layer, so it has no head (head=) whose input is g(x)")
+    if head is not None and head not in linears:
+        raise InputError(f"head={head!r} is not an nn.Linear of {what}: its Linear layers are {', '.join(linears) or 'none'}")
+    out, outs = _linear_outputs(model, _probe_input(model) if example is None else example)
+    if not isinstance(out, torch.Tensor):
+        parts = out if isinstance(out, (tuple, list)) else ()
+        found = [n for n, t in outs.items() if any(_is_output(t, o) for o in parts)]
+        raise InputError(f"{what} returns a {type(out).__name__} (heads found: {', '.join(found) or 'none'}), not one "
+                         "tensor of logits: wrap it so that it returns the logits of one head, then pass head=NAME")
+    found = [n for n, t in outs.items() if _is_output(t, out)]
+    if not found or (head is not None and head not in found):
+        raise InputError(f"the output of {what} is not the output of {repr(head) if head else 'any nn.Linear'} "
+                         f"(its Linear layers: {', '.join(linears) or 'none'}): the logits must come straight out of "
+                         "the head, so remove any softmax or layer after it, then pass head=NAME of that layer")
+    if head is None and len(found) > 1:
+        raise InputError(f"several nn.Linear layers give the output of {what}: {', '.join(found)}; choose one with head=NAME")
+    return head or found[0]
+
+# %% ../nbs/03_models.ipynb #cfc669c0
+def as_classifier(model: nn.Module, # a classifier whose logits come out of a final nn.Linear
+                  head: str | None = None, # dotted name of that layer ("fc", "classifier.6"); None: find it
+                  example: torch.Tensor | None = None, # a batch of inputs for the check; None: guessed from the network
+                 ) -> nn.Module:
+    "`model` with `features` (the head's input, g) and `head` (its final nn.Linear); `model(x)` is unchanged."
+    if not isinstance(model, nn.Module): raise InputError(f"as_classifier needs an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (Classifier, SplitClassifier)) and head is None: return model
+    return SplitClassifier(model, _find_head(model, head, example))
+
+# %% ../nbs/03_models.ipynb #b7d7c657
+def _user_network(spec: str, num_classes: int, **kw) -> nn.Module:
+    "Call `package.module:callable` (the user's own code, imported on purpose) to build the network."
+    module_name, _, attr = spec.partition(":")
+    try: module = importlib.import_module(module_name)
+    except ImportError as e: raise InputError(f"cannot import {module_name!r} for {spec} ({e}): check the name and sys.path") from None
+    make = getattr(module, attr, None)
+    if not callable(make): raise InputError(f"{module_name} has no callable {attr!r}: write package.module:callable")
+    try: takes_classes = "num_classes" in inspect.signature(make).parameters
+    except (TypeError, ValueError): takes_classes = False                 # a builtin without a readable signature
+    net = make(num_classes=num_classes, **kw) if takes_classes else make(**kw)
+    if not isinstance(net, nn.Module):
+        raise InputError(f"{spec} returned a {type(net).__name__}, not an nn.Module: it must build and return the network")
+    return net
+
+def _load_weights(net: nn.Module, path, spec: str) -> None:
+    "Load a state dict file (weights only) into `net`, strictly."
+    try: state = safe_load(path)
+    except CheckpointError as e: raise CheckpointError(f"{e}; weights must be a state dict: torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict): state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors: save it with torch.save(model.state_dict(), path)")
+    try: net.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
+        raise CheckpointError(f"the weights in {path} do not fit {spec}: {detail} (check the architecture, its options "
+                              "and the number of classes)") from None
+
+# %% ../nbs/03_models.ipynb #4933ffab
+def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:callable"
+              num_classes: int, # K, the number of classes
+              weights=None, # a state dict file of the network (loaded with weights_only=True); None: as initialised
+              head: str | None = None, # dotted name of the final nn.Linear; None: found by `as_classifier`
+              **kwargs, # options of the architecture (for the zoos also in_channels)
+             ) -> nn.Module:
+    "Build a network by spec, load its weights and return it through `as_classifier`, in eval mode."
+    source, sep, arch = str(spec).partition(":")
+    if not sep or not source or not arch:
+        raise InputError(f"architecture {spec!r}: write torchvision:NAME, timm:NAME or package.module:callable")
+    if source in ZOO_SOURCES: net = _zoo_network(spec, num_classes, kwargs.pop("in_channels", 3), **kwargs)
+    else: net = _user_network(spec, num_classes, **kwargs)
+    if weights is not None: _load_weights(net, weights, spec)
+    model = as_classifier(net, head)
+    if model.head.out_features != num_classes:
+        raise InputError(f"{spec} has {model.head.out_features} outputs but the data have {num_classes} classes")
+    return model.eval()
+
+# %% ../nbs/03_models.ipynb #b3108802
+def _robustbench():
+    "robustbench's loader, its model registry and its enums, or a `MissingExtraError` that names the extra."
+    from crossclass_nb.attacks import MissingExtraError
+    try:
+        if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
+            # robustbench imports `autoattack`, which PyPI distributes as `pyautoattack`: the same modules, renamed
+            sys.modules["autoattack"] = importlib.import_module("pyautoattack")
+            sys.modules["autoattack.state"] = importlib.import_module("pyautoattack.state")
+        from robustbench import model_zoo, utils
+        from robustbench.model_zoo import enums
+    except ImportError as e:
+        raise MissingExtraError(f'RobustBench models need robustbench, an optional extra: pip install -e ".[zoo]" ({e})') from None
+    return utils.load_model, model_zoo.model_dicts, enums
+
+def _robustbench_entry(name: str, dataset: str, threat_model: str):
+    "Check that RobustBench lists `name`; return its loader."
+    load, registry, enums = _robustbench()
+    try: models = registry[enums.BenchmarkDataset(dataset)][enums.ThreatModel(threat_model)]
+    except (ValueError, KeyError) as e: raise InputError(f"RobustBench has no {dataset}/{threat_model} models ({e})") from None
+    if name not in models:
+        close = difflib.get_close_matches(name, list(models), n=5)
+        raise InputError(f"RobustBench lists no {dataset}/{threat_model} model {name!r}"
+                         f"{'; close names: ' + ', '.join(close) if close else ''}: see the RobustBench leaderboard")
+    return load
+
+# %% ../nbs/03_models.ipynb #4467ab67
+def load_robustbench(name: str, # a model of the RobustBench zoo, e.g. "Wong2020Fast"
+                     dataset: str = "cifar10", # "cifar10", "cifar100" or "imagenet"
+                     threat_model: str = "Linf", # "Linf", "L2" or "corruptions"
+                     model_dir: str | Path = "models", # RobustBench's directory: MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt
+                    ) -> nn.Module:
+    "A RobustBench model (downloaded once into `model_dir`) through `as_classifier`; it takes images in [0, 1]."
+    load = _robustbench_entry(name, dataset, threat_model)
+    path = Path(model_dir) / dataset / threat_model / f"{name}.pt"
+    had_file = path.is_file()
+    try: net = load(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
+    except Exception as e:
+        if had_file: raise CheckpointError(f"RobustBench could not load {path} ({type(e).__name__}: {str(e)[:200]})") from None
+        path.unlink(missing_ok=True)                                   # no half-downloaded file stays behind
+        raise InputError(f"{name} is not at {path} and could not be downloaded ({type(e).__name__}): "
+                         f"download it where there is internet, or place the file at {path}") from None
+    return as_classifier(net)
