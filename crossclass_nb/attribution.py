@@ -6,17 +6,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import warnings
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 
-from .core import InputError, check_images
+from .core import InputError, RunDirError, atomic_write_text, check_images
+from .models import SplitClassifier, as_classifier
 
 # %% auto #0
-__all__ = ['ClassSums', 'class_sums', 'class_attributions', 'similarity_matrix', 'cas', 'AttributionResult', 'attribution_report',
-           'plot_similarity', 'plot_difference', 'plot_cas_curve']
+__all__ = ['ClassSums', 'class_sums', 'class_attributions', 'similarity_matrix', 'cas', 'AttributionResult', 'report_from_sums',
+           'attribution_report', 'write_cas_record', 'plot_similarity', 'plot_difference', 'plot_cas_curve',
+           'plot_attributions', 'CASTracker']
 
 # %% ../nbs/05_attribution.ipynb #5ce7b4ba
 def _batches(x, # images N x ..., an object with `.x` and `.y`, a pair `(x, y)`, or an iterable of `(x, y)` batches
@@ -62,15 +67,17 @@ def _check_batch(xb, yb, num_classes: int, device) -> tuple[torch.Tensor, torch.
     return xb.to(device), yb.to(device).long()
 
 # %% ../nbs/05_attribution.ipynb #c8348391
-def _check_model(model, num_classes: int | None) -> int:
-    "Check that `model` has `features` and a linear `head`; return K."
+def _check_model(model, num_classes: int | None) -> tuple[nn.Module, int]:
+    "The model with `features` and a linear `head` (through `as_classifier` if it has none), and K."
     if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
-        raise InputError(f"{type(model).__name__} has no `features` method and `head` nn.Linear: attribution needs "
-                         "f(x) = head(features(x)); build models with crossclass_nb.models.get_model")
+        if not isinstance(model, nn.Module):
+            raise InputError(f"{type(model).__name__} is not a model: attribution needs f(x) = head(features(x)), "
+                             "e.g. from crossclass_nb.models.get_model or as_classifier")
+        model = as_classifier(model)
     K = model.head.out_features
     if num_classes is not None and num_classes != K:
         raise InputError(f"num_classes={num_classes} but the model's head has {K} outputs: pass num_classes={K} or None")
-    return K
+    return model, K
 
 def _model_device(model) -> torch.device:
     p = next(model.parameters(), None)
@@ -83,7 +90,7 @@ class ClassSums(NamedTuple):
     counts: torch.Tensor
     correct: torch.Tensor
 
-def class_sums(model: nn.Module, # a classifier with `features` and a linear `head`
+def class_sums(model: nn.Module, # a classifier with `features` and a linear `head` (or one `as_classifier` reads)
                x, # images N x ... in [0, 1], a dataset with .x/.y, or an iterable of (x, y) batches
                y: torch.Tensor | None = None, # labels (N,) when `x` is a tensor
                attack=None, # None, or a callable attack(model, x, y) -> x_adv (e.g. `PGD(8/255, steps=20)`)
@@ -91,7 +98,7 @@ def class_sums(model: nn.Module, # a classifier with `features` and a linear `he
                batch_size: int = 256, # batch size when `x` is a tensor
               ) -> ClassSums:
     "One streaming pass: per-class sums of g(x) (on attack(model, x, y) if given), counts and correct predictions."
-    K = _check_model(model, num_classes)
+    model, K = _check_model(model, num_classes)
     dev = _model_device(model)
     acc_dtype = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
     sums = torch.zeros(K, model.head.in_features, dtype=acc_dtype, device=dev)
@@ -126,7 +133,7 @@ def _attributions_from_sums(s: ClassSums, weight: torch.Tensor) -> torch.Tensor:
     means = s.sums / s.counts[:, None].to(s.sums.dtype)
     return (means * weight.detach().to(s.sums.dtype)).float().cpu()
 
-def class_attributions(model: nn.Module, # a classifier with `features` (g) and a linear `head` (W)
+def class_attributions(model: nn.Module, # a classifier with `features` (g) and a linear `head` (W), or any as_classifier reads
                        x, # images N x ... in [0, 1] (with `y`), a dataset with .x/.y, or an iterable of (x, y) batches
                        y: torch.Tensor | None = None, # labels (N,) when `x` is a tensor
                        attack=None, # None (clean data) or a callable attack(model, x, y) -> x_adv
@@ -134,7 +141,8 @@ def class_attributions(model: nn.Module, # a classifier with `features` (g) and 
                        batch_size: int = 256, # batch size when `x` is a tensor
                       ) -> torch.Tensor:
     "Class-wise attributions A (K x n): A_i = mean over class-i examples of g(x) * W[i], in one streaming pass."
-    s = class_sums(model, x, y, attack, num_classes, batch_size)
+    model, K = _check_model(model, num_classes)
+    s = class_sums(model, x, y, attack, K, batch_size)
     return _attributions_from_sums(s, model.head.weight)
 
 # %% ../nbs/05_attribution.ipynb #1fd697fe
@@ -206,7 +214,37 @@ class AttributionResult:
                    accuracy=float(d["accuracy"]), settings=dict(d["settings"]))
 
 # %% ../nbs/05_attribution.ipynb #4d097812
-def attribution_report(model: nn.Module, # a classifier with `features` and a linear `head`
+def _class_names(classes: Sequence[str] | None, K: int) -> list[str] | None:
+    if classes is None: return None
+    classes = [str(c) for c in classes]
+    if len(classes) != K: raise InputError(f"{len(classes)} class names for a model with {K} classes: pass K names")
+    return classes
+
+def _model_name(model: nn.Module) -> str:
+    "The class name of the network (inside `as_classifier`'s wrapper, if any)."
+    return type(model.model if isinstance(model, SplitClassifier) else model).__name__
+
+def report_from_sums(sums: ClassSums, # class sums of one pass, or added up over several
+                     model_or_head: nn.Module, # the model (with `head`) or its head, an nn.Linear
+                     classes: Sequence[str] | None = None, # class names
+                     attack=None, # the attack of the pass, recorded in the settings
+                     batch_size: int | None = None, # the batch size of the pass, recorded in the settings
+                    ) -> AttributionResult:
+    "A, C, CAS, per-class and overall (robust) accuracy from class sums: the second half of `attribution_report`."
+    head = model_or_head if isinstance(model_or_head, nn.Linear) else _check_model(model_or_head, None)[0].head
+    K = head.out_features
+    if tuple(sums.sums.shape) != (K, head.in_features):
+        raise InputError(f"class sums of shape {tuple(sums.sums.shape)} do not fit a head of {K} x {head.in_features}")
+    A = _attributions_from_sums(sums, head.weight)
+    C = similarity_matrix(A)
+    counts, correct = sums.counts.cpu(), sums.correct.cpu()
+    settings = {"attack": _describe_attack(attack), "num_examples": int(counts.sum()), "class_counts": counts.tolist(),
+                "classes": _class_names(classes, K), "batch_size": batch_size, "num_classes": K,
+                "model": _model_name(model_or_head), "autocast": _autocast_dtype(head.weight.device)}
+    return AttributionResult(A=A, C=C, cas=cas(C), per_class_acc=(correct / counts).float(),
+                             accuracy=float(correct.sum() / counts.sum()), settings=settings)
+
+def attribution_report(model: nn.Module, # a classifier with `features` and a linear `head`, or any as_classifier reads
                        data, # a Dataset (.x, .y, .classes), a pair (x, y), or an iterable of (x, y) batches
                        attack=None, # None (clean) or a callable attack(model, x, y) -> x_adv, e.g. PGD(8/255, steps=20)
                        num_classes: int | None = None, # K; default (and must equal) model.head.out_features
@@ -214,20 +252,22 @@ def attribution_report(model: nn.Module, # a classifier with `features` and a li
                        classes: Sequence[str] | None = None, # class names; default data.classes if present
                       ) -> AttributionResult:
     "A, C, CAS, per-class and overall (robust) accuracy, from one pass over `data`."
-    K = _check_model(model, num_classes)
-    if classes is None: classes = getattr(data, "classes", None)
-    if classes is not None:
-        classes = [str(c) for c in classes]
-        if len(classes) != K: raise InputError(f"{len(classes)} class names for a model with {K} classes: pass K names")
+    model, K = _check_model(model, num_classes)
+    classes = _class_names(classes if classes is not None else getattr(data, "classes", None), K)
     s = class_sums(model, data, None, attack, K, batch_size)
-    A = _attributions_from_sums(s, model.head.weight)
-    C = similarity_matrix(A)
-    counts, correct = s.counts.cpu(), s.correct.cpu()
-    settings = {"attack": _describe_attack(attack), "num_examples": int(counts.sum()), "class_counts": counts.tolist(),
-                "classes": classes, "batch_size": batch_size, "num_classes": K, "model": type(model).__name__,
-                "autocast": _autocast_dtype(_model_device(model))}
-    return AttributionResult(A=A, C=C, cas=cas(C), per_class_acc=(correct / counts).float(),
-                             accuracy=float(correct.sum() / counts.sum()), settings=settings)
+    return report_from_sums(s, model, classes, attack, batch_size)
+
+# %% ../nbs/05_attribution.ipynb #3fb0b129
+def write_cas_record(out_dir: str | Path, # the run directory
+                     epoch: int, # the epoch (1-based) the result belongs to
+                     result: AttributionResult, # the report of that epoch
+                     split: str, # the data it was measured on, e.g. "test"
+                     attack, # the attack it was measured under (stored as its string)
+                    ) -> Path:
+    "Write `out_dir/cas/epoch_XXX.json` (epoch, split, attack, then the result without A) atomically."
+    record = {"epoch": epoch, "split": split, "attack": str(attack), **result.to_dict(include_A=False)}
+    (Path(out_dir) / "cas").mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(Path(out_dir) / "cas" / f"epoch_{epoch:03d}.json", json.dumps(record) + "\n")
 
 # %% ../nbs/05_attribution.ipynb #c5c8d83c
 def _heatmap(M, classes, ax, vmin, vmax, title, annotate):
@@ -297,3 +337,99 @@ def plot_cas_curve(epochs: Sequence[int], # the epochs at which CAS was measured
                 label=f"{name} (epoch {e}, CAS {v:.1f})")
     ax.set_xlabel("epoch"); ax.set_ylabel("CAS"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     return ax
+
+# %% ../nbs/05_attribution.ipynb #ce60179a
+def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
+                      classes: Sequence[str] | None = None, # class names, one per panel
+                      top: int = 12, # how many features to show: those with the largest total |A| over the classes
+                      cols: int = 5, # panels per row
+                      title: str | None = None, # title of the figure
+                     ):
+    "One bar chart per class of its attribution A_i over the same `top` features (blue positive, red negative)."
+    import matplotlib.pyplot as plt
+    if not isinstance(A, torch.Tensor) or A.dim() != 2: raise InputError("A must be a K x n tensor of class attributions")
+    A = A.detach().float().cpu()
+    names = list(classes) if classes is not None else [str(i) for i in range(len(A))]
+    if len(names) != len(A): raise InputError(f"{len(names)} class names for {len(A)} classes")
+    order, rows = A.abs().sum(0).argsort(descending=True)[:top], math.ceil(len(A) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.1 * rows), sharex=True, sharey=True, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(A): ax.axis("off"); continue
+        values = A[i, order].tolist()
+        ax.bar(range(len(order)), values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
+        ax.axhline(0, color="grey", lw=0.5); ax.set_title(names[i], fontsize=9)
+        ax.set_xticks(range(len(order)), [str(k) for k in order.tolist()], fontsize=6, rotation=90)
+    fig.supxlabel("feature k (largest total |A| first)", fontsize=9); fig.supylabel("$A_{ik}$", fontsize=9)
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/05_attribution.ipynb #f36c8ec4
+def _read_rows(path: Path) -> list[dict]:
+    "The rows of a metrics.jsonl file (none if it does not exist)."
+    if not path.is_file(): return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+def _best_epoch(rows: list[dict], metric: str) -> int | None:
+    "The first epoch with the highest finite value of `metric`, or None."
+    scored = [(r[metric], -r["epoch"]) for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    return -max(scored)[1] if scored else None
+
+def _check_tracker_dir(out_dir: Path) -> None:
+    "Refuse a directory that holds a training run of the trainer."
+    cfg = out_dir / "config.json"
+    if cfg.is_file() and set(json.loads(cfg.read_text())) != {"name", "epochs"}:
+        raise RunDirError(f"{out_dir} holds a training run (its config.json is the trainer's): give the tracker its own directory")
+
+# %% ../nbs/05_attribution.ipynb #73a88f5a
+class CASTracker:
+    "Attribution report of `model` on `data` every `every` epochs, written as a training run writes it."
+    def __init__(self,
+                 model: nn.Module, # the model being trained (our models, or any that as_classifier reads)
+                 data, # the examples to measure on: a Dataset, a pair (x, y) or a list of (x, y) batches
+                 attack, # a callable attack(model, x, y) -> x_adv, e.g. PGD(eps, steps=10); None: clean examples
+                 out_dir: str | Path, # the run directory: cas/epoch_XXX.json, metrics.jsonl, config.json
+                 every: int = 1, # measure every `every` epochs (and at `epochs`)
+                 epochs: int | None = None, # length of the schedule, if known
+                 classes: Sequence[str] | None = None, # class names; default data.classes
+                 split: str = "test", # name of the data, stored in the records
+                 batch_size: int = 256, # batch size of the pass
+                 select: str = "cas_acc", # the metric (higher is better) that picks the best epoch
+                 seed: int = 0, # seed of the measurement (the attack's random start)
+                ):
+        if not isinstance(every, int) or every < 1: raise InputError(f"every must be a positive integer, got {every!r}")
+        self.model, self.data, self.attack, self.out_dir = model, data, attack, Path(out_dir)
+        self.every, self.epochs, self.split, self.batch_size, self.select, self.seed = every, epochs, split, batch_size, select, seed
+        self.classes = classes if classes is not None else getattr(data, "classes", None)
+        _check_tracker_dir(self.out_dir)
+        self.rows = _read_rows(self.out_dir / "metrics.jsonl")
+
+    def due(self, epoch: int) -> bool: return epoch % self.every == 0 or epoch == self.epochs
+
+# %% ../nbs/05_attribution.ipynb #8d1edab3
+def _measure(self) -> AttributionResult:
+    "The report of the model now, under the tracker's seed; the caller's random state is left as it was."
+    devices = [d for d in {_model_device(self.model)} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(self.seed)
+        return attribution_report(self.model, self.data, self.attack, batch_size=self.batch_size, classes=self.classes)
+
+def _record_epoch(self, epoch: int, **metrics) -> AttributionResult | None:
+    "Record epoch `epoch` (1-based) with the loop's `metrics`; measure and write CAS when it is due."
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise InputError(f"epoch must be 1, 2, ..., got {epoch!r}")
+    bad = [k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if bad: raise InputError(f"metrics must be numbers (e.g. loss.item()), got {', '.join(bad)}")
+    result = self.measure() if self.due(epoch) else None
+    row = {"epoch": epoch, **metrics}
+    if result is not None:
+        write_cas_record(self.out_dir, epoch, result, self.split, self.attack)
+        row.update(cas=result.cas, cas_acc=result.accuracy)
+    self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
+    row["best_epoch"] = _best_epoch(self.rows, self.select)
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+    atomic_write_text(self.out_dir / "config.json", json.dumps({"name": "cas_tracker", "epochs": self.epochs or epoch}) + "\n")
+    return result
+
+CASTracker.measure, CASTracker.__call__ = _measure, _record_epoch

@@ -166,7 +166,7 @@ def test_similarity_and_cas_definitions():
     (lambda m, x, y: class_attributions(m, x), "y is missing"),
     (lambda m, x, y: class_attributions(m, x, y, num_classes=4), "num_classes=4"),
     (lambda m, x, y: class_attributions(m, x, y, batch_size=0), "batch_size"),
-    (lambda m, x, y: class_attributions(nn.Linear(6, 3), x, y), "features"),
+    (lambda m, x, y: class_attributions(nn.Linear(6, 3), x, y), "no nn.Linear layer inside it"),
     (lambda m, x, y: class_attributions(m, [], None), "no examples were given"),
 ])
 def test_clear_input_errors(bad, msg):
