@@ -26,19 +26,21 @@ import torch
 
 from . import __version__
 from .core import CrossclassError, InputError, RunDirError, atomic_write_text, get_device
+from .launchers import LAUNCHERS, Job, _check_launch, launch, report_progress
 from .training import Callback, TrainConfig, get_config, load_metrics, run_dir_state, train
 
 # %% auto #0
 __all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER_CIFAR100', 'FMNIST_SCALES', 'STUDY_FILES',
            'EARLY_FRACTION', 'VERDICTS', 'OVERFIT_GAP', 'CONFIDENCE', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS',
-           'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'REGIME_SEARCH', 'method_overrides', 'eps_overrides',
-           'RunSpec', 'Study', 'make_study', 'fmnist_config', 'fmnist_study', 'paper_study', 'run_finished', 'ReportCB',
-           'train_spec', 'StudyProgress', 'run_study', 'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record',
-           'load_study', 'study_summary', 'mean_sd', 'fmt_spread', 'plot_run_curves', 'plot_run_matrices',
-           'plot_per_class', 'plot_methods', 'plot_eps_sweep', 'mean_ci', 'direction', 'fmt_ci', 'sign_verdict',
-           'parts_verdict', 'overfits', 'evaluate_claims', 'Table', 'methods_table', 'eps_table', 'paper_table',
-           'claims_table', 'analyse_study', 'make_light', 'report_figures', 'write_report', 'get_study', 'parse_seeds',
-           'reproduce', 'add_reproduce_parser', 'run_reproduce', 'search_study', 'search_table', 'plot_search']
+           'PAPER_SHRUNK', 'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'REGIME_SEARCH', 'method_overrides',
+           'eps_overrides', 'RunSpec', 'Study', 'make_study', 'fmnist_config', 'fmnist_study', 'paper_study',
+           'run_finished', 'ReportCB', 'train_spec', 'train_job', 'StudyProgress', 'study_jobs', 'run_study',
+           'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record', 'load_study', 'study_summary', 'mean_sd',
+           'fmt_spread', 'plot_run_curves', 'plot_run_matrices', 'plot_per_class', 'plot_methods', 'plot_eps_sweep',
+           'mean_ci', 'direction', 'fmt_ci', 'sign_verdict', 'parts_verdict', 'overfits', 'evaluate_claims', 'Table',
+           'methods_table', 'eps_table', 'paper_table', 'claims_table', 'analyse_study', 'make_light', 'report_figures',
+           'write_report', 'get_study', 'parse_seeds', 'reproduce', 'add_reproduce_parser', 'run_reproduce',
+           'search_study', 'search_table', 'plot_rice', 'plot_gap_vs_noise']
 
 # %% ../nbs/07_robust_overfitting.ipynb #b2cab781
 METHODS = {
@@ -152,7 +154,8 @@ def make_study(name: str, # the study's name
 
 # %% ../nbs/07_robust_overfitting.ipynb #ac299bb0
 PAPER_CIFAR10 = {
-    "dataset": "CIFAR-10, PreActResNet-18, PGD-AT l_inf 8/255, 200 epochs (the paper, via a secondary summary; approximate)",
+    "dataset": "CIFAR-10, PreActResNet-18, PGD-AT l_inf 8/255, 200 epochs (the paper, via a secondary summary; approximate; "
+               "the attack behind its robust accuracies is not known, possibly AutoAttack)",
     "table": [{"checkpoint": "underfitting", "epoch": 70, "robust_acc": 42.6, "cas": 18.2},
               {"checkpoint": "best", "epoch": 108, "robust_acc": 47.8, "cas": 25.6},
               {"checkpoint": "last", "epoch": 200, "robust_acc": 42.5, "cas": 9.0},
@@ -285,14 +288,11 @@ def train_spec(spec: dict, # `RunSpec.to_dict()` with the resolved config
     return time.perf_counter() - t0
 
 # %% ../nbs/07_robust_overfitting.ipynb #cb24c576
-_QUEUE = None
-def _worker_init(q, threads):
-    global _QUEUE
-    _QUEUE = q
-    torch.set_num_threads(threads)
-
-def _worker_train(spec: dict, run_dir: str) -> float:
-    return train_spec(spec, run_dir, report=lambda n, r: _QUEUE.put((n, r)))
+def train_job(spec: dict, # `RunSpec.to_dict()` with the resolved config
+              run_dir: str, # where the run goes
+             ) -> float:
+    "One run of a study as a launcher job: `train_spec`, with each epoch sent to the launch's progress display."
+    return train_spec(spec, run_dir, report=report_progress)
 
 class StudyProgress:
     "One progress bar over every epoch of a study, and a line per finished run."
@@ -316,48 +316,58 @@ class StudyProgress:
         if self.pb is not None: self.pb.on_iter_end()
 
 # %% ../nbs/07_robust_overfitting.ipynb #2f084775
-def _order(specs: list) -> list:
-    "Runs without a teacher first, then those that distil from one."
-    return [s for s in specs if not s.teacher] + [s for s in specs if s.teacher]
-
 def _done_line(name: str, run_dir: Path, seconds: float) -> str:
     s = run_summary(run_dir)
     return (f"  finished {name} in {seconds:.0f} s: best epoch {s['best_epoch']}, test robust acc best {s['rob_best']:.1f}% "
             f"last {s['rob_last']:.1f}%, CAS best {s['cas_best']:.1f} last {s['cas_last']:.1f}")
 
+def study_jobs(study: Study, # the study
+               out: Path, # its directory
+               device=None, data_root=None, # passed to every run (None: each config's)
+              ) -> list[Job]:
+    "One launcher `Job` per unfinished run of `study`; a distilled run comes after its teacher's job."
+    todo = [s for s in study.runs if not run_finished(out / "runs" / s.name, s.config.epochs)]
+    return [Job(s.name, train_job, (dict(s.to_dict(), config=_resolve(s, out, device, data_root).to_dict()), str(out / "runs" / s.name)),
+                after=(s.teacher,) if s.teacher else ()) for s in todo]
+
+def _epochs_done(study: Study, out: Path) -> int:
+    "Epochs already trained in `out` (finished runs and the finished epochs of the others)."
+    rd = lambda s: out / "runs" / s.name
+    return sum(s.config.epochs if run_finished(rd(s), s.config.epochs) else len(load_metrics(rd(s)))
+               for s in study.runs if (rd(s) / "metrics.jsonl").is_file())
+
+# %% ../nbs/07_robust_overfitting.ipynb #d6cdc749
 def run_study(study: Study, # the runs
               out_dir: str | Path, # the study directory (runs go to OUT/runs/NAME)
-              jobs: int = 1, # runs trained at once (processes); 1 trains in this process
+              jobs: int = 1, # runs trained at once ("processes", "local")
               resume: bool = False, # continue a study: finished runs are kept, unfinished ones resumed
               overwrite: bool = False, # delete a study already in `out_dir` first
               quiet: bool | None = None, # no progress output (None: quiet under pytest or CROSSCLASS_QUIET=1)
               device: str | None = None, # device of every run (None: each config's)
               data_root: str | None = None, # dataset directory of every run (None: each config's)
               keep_going: bool = False, # a failed run does not stop the others (recorded in failures.json)
+              launcher: str | None = None, # "inline", "processes", "local" or "slurm" (None: inline for jobs=1, else processes)
+              slurm: dict | None = None, # "slurm": partition, time (minutes), gpus_per_run
              ) -> dict:
-    "Train every run of `study` into `out_dir`; returns {run name: seconds} of the runs trained now."
+    "Train every unfinished run of `study` into `out_dir`; returns {run name: seconds} of the runs trained now."
     out = Path(out_dir)
     if quiet is None: quiet = "PYTEST_CURRENT_TEST" in os.environ or os.environ.get("CROSSCLASS_QUIET") == "1"
-    if jobs < 1: raise InputError(f"jobs must be at least 1, got {jobs}")
+    launcher = launcher or ("inline" if jobs == 1 else "processes")
+    _check_launch(launcher, jobs, out / "logs")          # a bad launcher or a missing extra: nothing written
     _prepare_out(out, study, resume, overwrite)
-    rd = lambda s: out / "runs" / s.name
-    todo = _order([s for s in study.runs if not run_finished(rd(s), s.config.epochs)])
-    done = sum(s.config.epochs for s in study.runs if s not in todo) + \
-           sum(len(load_metrics(rd(s))) for s in todo if (rd(s) / "metrics.jsonl").is_file())
-    prog = StudyProgress(sum(s.config.epochs for s in study.runs), done, quiet)
-    prog.message(f"{study.name}: {len(study.runs)} runs, {len(todo)} to train, {min(jobs, max(len(todo), 1))} at a time -> {out}")
-    resolved = {s.name: dict(s.to_dict(), config=_resolve(s, out, device, data_root).to_dict()) for s in todo}
+    work = study_jobs(study, out, device, data_root)
+    prog = StudyProgress(sum(s.config.epochs for s in study.runs), _epochs_done(study, out), quiet)
+    prog.message(f"{study.name}: {len(study.runs)} runs, {len(work)} to train ({launcher}, {jobs} at a time) -> {out}")
     times, failures = {}, {}
-    try:
-        if jobs == 1 or len(todo) <= 1:
-            for s in todo:
-                if s.teacher in failures: failures[s.name] = f"its teacher {s.teacher} failed"; continue
-                try: times[s.name] = train_spec(resolved[s.name], str(rd(s)), report=prog.update)
-                except Exception as e:
-                    if not keep_going: raise
-                    failures[s.name] = f"{type(e).__name__}: {e}"; prog.message(f"  FAILED {s.name}: {failures[s.name]}"); continue
-                if not quiet: prog.message(_done_line(s.name, rd(s), times[s.name]))
-        else: _run_parallel(todo, resolved, rd, jobs, prog, times, failures if keep_going else None)
+    def on_done(name, result):
+        if not isinstance(result, BaseException):
+            times[name] = result
+            if not quiet: prog.message(_done_line(name, out / "runs" / name, result))
+            return
+        failures[name] = f"{type(result).__name__}: {result}"
+        prog.message(f"  FAILED {name}: {failures[name]}")
+        if not keep_going: raise result
+    try: launch(work, launcher, jobs, out / "logs", slurm, on_done=on_done, on_progress=prog.update)
     finally:
         prog.close()
         _record_failures(out, failures)
@@ -367,38 +377,6 @@ def _record_failures(out: Path, failures: dict) -> None:
     "failures.json: the runs of the last call that failed, and why (removed when none did)."
     if failures: atomic_write_text(out / "failures.json", json.dumps(failures, indent=1) + "\n")
     else: (out / "failures.json").unlink(missing_ok=True)
-
-def _run_parallel(todo, resolved, rd, jobs, prog, times, failures=None):
-    "Train `todo` in `jobs` processes, a distilled run only after its teacher; record errors in `failures` if given."
-    import concurrent.futures as cf, multiprocessing as mp, queue as qmod
-    from crossclass_nb.experiments import _worker_init, _worker_train   # the module's own functions (picklable)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    ex = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(q, threads))
-    waiting, running, names = list(todo), {}, {s.name for s in todo}
-    try:
-        while waiting or running:
-            for s in list(waiting):
-                if failures is not None and s.teacher in failures:
-                    failures[s.name] = f"its teacher {s.teacher} failed"; waiting.remove(s); names.discard(s.name); continue
-                if (s.teacher is None or s.teacher not in names) and len(running) < jobs:
-                    running[ex.submit(_worker_train, resolved[s.name], str(rd(s)))] = s; waiting.remove(s)
-            try:
-                while True: prog.update(*q.get(timeout=0.5))
-            except qmod.Empty: pass
-            for f in [f for f in running if f.done()]:
-                s = running.pop(f); names.discard(s.name)
-                try: times[s.name] = f.result()       # re-raises a worker's error here
-                except Exception as e:
-                    if failures is None: raise
-                    failures[s.name] = f"{type(e).__name__}: {e}"; prog.message(f"  FAILED {s.name}: {failures[s.name]}"); continue
-                if not prog.quiet: prog.message(_done_line(s.name, rd(s), times[s.name]))
-        ex.shutdown(wait=True)
-    except BaseException:
-        for p in list((getattr(ex, "_processes", None) or {}).values()): p.terminate()
-        ex.shutdown(wait=False, cancel_futures=True)
-        raise
 
 # %% ../nbs/07_robust_overfitting.ipynb #3c610dbc
 EARLY_FRACTION = 0.35 # the paper's underfitting checkpoint: epoch 70 of 200
@@ -1040,12 +1018,16 @@ def write_report(out_dir: str | Path, # a study directory
     return out / "report.html"
 
 # %% ../nbs/07_robust_overfitting.ipynb #9a4a807c
+PAPER_SHRUNK = dict(train_size=2000, val_size=500, test_size=1000, epochs=6, milestones=[3, 5], monitor_size=None,
+                    eval_every=1, cas_every=1, save_every=0) # the GPU recipe in minutes: a check that it runs, not a result
+
 STUDY_PRESETS = {
     "fmnist-noise": dict(build=lambda seeds, methods: fmnist_study("noise", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
     "fmnist-clean": dict(build=lambda seeds, methods: fmnist_study("clean", seeds, methods or tuple(METHODS)), seeds=(0, 1, 2), jobs=2),
     "fmnist-quick": dict(build=lambda seeds, methods: fmnist_study("quick", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
     "fmnist-regime-search": dict(build=lambda seeds, methods: search_study(seeds=seeds), seeds=(0,), jobs=2),
     "cifar10-paper": dict(build=lambda seeds, methods: paper_study("cifar10", seeds, methods or ("at", "kd_ema", "ls", "std")), seeds=(0,), jobs=1),
+    "cifar10-shrunk": dict(build=lambda seeds, methods: paper_study("cifar10", seeds, methods or ("at", "kd_ema", "ls", "std"), **PAPER_SHRUNK), seeds=(0,), jobs=1),
     "cifar100-paper": dict(build=lambda seeds, methods: paper_study("cifar100", seeds, methods or ("at", "kd_ema", "ls", "std")), seeds=(0,), jobs=1),
 }
 
@@ -1081,6 +1063,8 @@ def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
               overwrite: bool = False, # replace the study in `out_dir`
               light: bool = False, # delete checkpoints at the end
               quiet: bool | None = None, # no progress bars
+              launcher: str | None = None, # "inline", "processes", "local" or "slurm" (see `run_study`)
+              slurm: dict | None = None, # "slurm": partition, time (minutes), gpus_per_run
              ) -> Path:
     "Run a study end to end: train every run, judge the claims, write the report; returns the report's path."
     study = get_study(preset, seeds, methods)
@@ -1088,10 +1072,11 @@ def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
     dev = get_device(device)
     if jobs is None: jobs = 1 if dev.type != "cpu" else min(STUDY_PRESETS[preset]["jobs"], os.cpu_count() or 1)
     t0, started = time.perf_counter(), datetime.datetime.now().isoformat(timespec="seconds")
-    times = run_study(study, out, jobs, resume, overwrite, quiet, device, data_root, keep_going=study.kind == "search")
+    times = run_study(study, out, jobs, resume, overwrite, quiet, device, data_root, keep_going=study.kind == "search",
+                      launcher=launcher, slurm=slurm)
     info = {"command": " ".join(["crossclass"] + sys.argv[1:]) if Path(sys.argv[0]).name == "crossclass" else f"reproduce({preset!r})",
             "preset": preset, "started": started, "training seconds (this invocation)": round(time.perf_counter() - t0, 1),
-            "runs trained now": len(times), "jobs": jobs,
+            "runs trained now": len(times), "jobs": jobs, "launcher": launcher or ("inline" if jobs == 1 else "processes"),
             "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
             "machine": f"{platform.platform()}, {os.cpu_count()} CPU(s)", "torch": torch.__version__, "crossclass_nb": __version__,
             "runs": {k: round(v, 1) for k, v in times.items()}}
@@ -1122,8 +1107,22 @@ def add_reproduce_parser(sub): # the subparsers object of `crossclass`
     p.add_argument("--resume", action="store_true", help="continue the study in --out (finished runs are kept)")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out")
     p.add_argument("--light", action="store_true", help="delete checkpoints at the end (what results/ in the repo stores)")
+    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are started: inline, processes (default with --jobs > 1), "
+                                                         "local (submitit) or slurm (submitit; one job per run)")
+    p.add_argument("--slurm-partition", metavar="NAME", help="--launcher slurm: the partition")
+    p.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="--launcher slurm: GPUs of each run's job (default 1)")
+    p.add_argument("--slurm-time", type=int, metavar="MIN", help="--launcher slurm: minutes each job may run (default 1440)")
     p.set_defaults(func=run_reproduce)
     return p
+
+def _slurm_options(args) -> dict | None:
+    "The `slurm` parameters of `crossclass reproduce` (None unless --launcher slurm)."
+    given = {k: v for k, v in (("partition", args.slurm_partition), ("gpus_per_run", args.slurm_gpus_per_run),
+                               ("time", args.slurm_time)) if v is not None}
+    if args.launcher != "slurm":
+        if given: raise InputError(f"--slurm-{next(iter(given)).replace('_', '-')} needs --launcher slurm")
+        return None
+    return {"gpus_per_run": 1, "time": 1440, **given}
 
 def run_reproduce(args) -> int:
     "The `crossclass reproduce` command: prints the output directory first, the verdicts and the report's path at the end."
@@ -1134,9 +1133,11 @@ def run_reproduce(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     if args.jobs is not None and args.jobs < 1: raise InputError(f"--jobs {args.jobs}: give at least 1")
     out = Path(args.out) if args.out else _default_out(preset)
+    slurm = _slurm_options(args)
     get_study(preset, seeds, methods)                     # bad methods fail here, before anything is printed or written
     print(f"crossclass reproduce: study {preset}, output directory {out}", flush=True)
-    report = reproduce(preset, out, seeds, methods, args.jobs, args.data, args.device, args.resume, args.overwrite, args.light)
+    report = reproduce(preset, out, seeds, methods, args.jobs, args.data, args.device, args.resume, args.overwrite, args.light,
+                       launcher=args.launcher, slurm=slurm)
     t = json.loads((out / "timings.json").read_text())
     if (out / "claims.json").is_file():
         print("\nclaims:")
@@ -1176,6 +1177,10 @@ def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides o
 
 
 # %% ../nbs/07_robust_overfitting.ipynb #59ca3863
+def _capacity(c: TrainConfig) -> str:
+    if c.model == "small_cnn": return f"CNN {c.model_kwargs.get('width', 16)}/{2 * c.model_kwargs.get('width', 16)}"
+    return f"MLP {'-'.join(map(str, c.model_kwargs.get('hidden', [])))}"
+
 def search_table(out_dir: str | Path) -> Table:
     "One row per run of a search study: how well it fit the training set and whether it overfit."
     rows, study = study_summary(out_dir), load_study(out_dir)
@@ -1183,29 +1188,47 @@ def search_table(out_dir: str | Path) -> Table:
     out = []
     for r in rows:
         c = cfgs[r["name"]]
-        out.append({"setting": r["setting"], "seed": r["seed"], "model": c.model, "train size": c.train_size, "eps": c.eps,
-                    "lr": c.lr, "train robust acc last %": round(r["train_rob_last"], 1), "best epoch": r["best_epoch"],
-                    "robust acc best %": round(r["rob_best"], 1), "last %": round(r["rob_last"], 1), "gap (pt)": round(r["gap"], 1),
-                    "robust loss best": round(r["rloss_best"], 2), "last": round(r["rloss_last"], 2),
-                    "CAS best": round(r["cas_best"], 1), "CAS last": round(r["cas_last"], 1), "ρ fall": round(r["rho_fall"], 2)})
-    return Table(out, title=f"{study.name}: robust overfitting search (test split)")
+        out.append({"setting": r["setting"], "model": _capacity(c), "train size": c.train_size,
+                    "label noise %": round(100 * c.label_noise), "train robust acc last %": round(r["train_rob_last"], 1),
+                    "best epoch": r["best_epoch"], "robust acc best %": round(r["rob_best"], 1),
+                    "last %": round(r["rob_last"], 1), "gap (pt)": round(r["gap"], 1), "CAS best": round(r["cas_best"], 1),
+                    "CAS last": round(r["cas_last"], 1), "ΔCAS": round(r["dcas"], 1), "ρ fall": round(r["rho_fall"], 2)})
+    return Table(out, title=f"{study.name}: one run per setting (test split; best selected on validation)")
 
-def plot_search(out_dir: str | Path): # a search study directory
-    "Training and test robust accuracy, and CAS, against epoch for each setting of a search (first seed of each)."
+
+# %% ../nbs/07_robust_overfitting.ipynb #1df5d6f4
+def _axis(c: TrainConfig) -> str:
+    "Which axis of the search a config varies (against `SEARCH_BASE`)."
+    if c.label_noise: return "label noise"
+    if c.model != SEARCH_BASE["model"]: return "capacity (CNN width)"
+    return "training-set size" if c.train_size != SEARCH_BASE["train_size"] else "base"
+
+def plot_rice(out_dir: str | Path): # a search study directory
+    "Gap (best − last test robust accuracy) against training robust accuracy at the last epoch, one point per run."
     plt = _plt()
-    out = Path(out_dir); study = load_study(out)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-    seen = set()
-    for s in study.runs:
-        if s.setting in seen or not run_finished(out / "runs" / s.name, s.config.epochs): continue
-        seen.add(s.setting); rows = load_metrics(out / "runs" / s.name); c = f"C{len(seen) - 1}"
-        e, v = _series(rows, "test_robust_acc", 100); a1.plot(e, v, color=c, label=f"{s.setting}: test")
-        e, v = _series(rows, "train_robust_acc", 100); a1.plot(e, v, ":", color=c, lw=1)
-        e, v = _series(rows, "cas"); a2.plot(e, v, color=c, label=s.setting)
-    cfg = study.runs[0].config
-    for ax in (a1, a2):
-        for d in _decays(cfg, cfg.epochs): ax.axvline(d, color="grey", ls=":", lw=1)
-        ax.set_xlabel("epoch"); ax.grid(alpha=0.3)
-    a1.set_ylabel("robust accuracy (%) (dotted: training)"); a2.set_ylabel("CAS"); a1.legend(fontsize=7); a2.legend(fontsize=7)
-    fig.suptitle(study.name); fig.tight_layout()
+    study = load_study(out_dir); cfgs = {s.name: s.config for s in study.runs}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, axis in enumerate(("base", "training-set size", "capacity (CNN width)", "label noise")):
+        rs = [r for r in study_summary(out_dir) if _axis(cfgs[r["name"]]) == axis]
+        ax.scatter(_col(rs, "train_rob_last"), _col(rs, "gap"), color=f"C{k}", label=axis, s=40)
+        for r in rs: ax.annotate(r["setting"], (r["train_rob_last"], r["gap"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(OVERFIT_GAP, color="tab:red", ls="--", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
+    ax.set_xlabel("training robust accuracy at the last epoch (%)"); ax.set_ylabel("test robust acc best − last (pt)")
+    ax.grid(alpha=0.3); ax.legend(fontsize=7); ax.set_title(f"{study.name}: overfitting against fit")
+    fig.tight_layout()
     return fig
+
+def plot_gap_vs_noise(out_dir: str | Path): # a search study directory
+    "Gap and ΔCAS against the label-noise rate, for the runs that differ from the base setting only in noise."
+    plt = _plt()
+    study = load_study(out_dir); cfgs = {s.name: s.config for s in study.runs}
+    rs = sorted([r for r in study_summary(out_dir) if _axis(cfgs[r["name"]]) in ("base", "label noise")],
+                key=lambda r: cfgs[r["name"]].label_noise)
+    noise = [100 * cfgs[r["name"]].label_noise for r in rs]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(noise, _col(rs, "gap"), "o-", label="gap (pt)"); ax.plot(noise, _col(rs, "dcas"), "s--", label="ΔCAS")
+    ax.axhline(OVERFIT_GAP, color="tab:red", ls=":", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
+    ax.set_xlabel("training labels flipped (%)"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    ax.set_title(f"{study.name}: the label-noise axis"); fig.tight_layout()
+    return fig
+

@@ -196,3 +196,10 @@ def test_cifar_recipe_runs_on_a_fake_cifar(tmp_path):
     report = write_report(tmp_path / "study", {})
     doc = report.read_text()
     assert "cifar10-paper" in doc and "CIFAR-10, PreActResNet-18" in doc and "airplane" in (tmp_path / "study/runs/at_eps8_s0/cas/epoch_002.json").read_text()
+
+
+def test_bad_launcher_writes_nothing(tmp_path):
+    study = fmnist_study("quick", seeds=(0,), methods=("at",), sweep_eps=())
+    with pytest.raises(InputError, match="unknown launcher 'mpi'"): run_study(study, tmp_path / "s", launcher="mpi")
+    with pytest.raises(InputError, match="at least 1"): run_study(study, tmp_path / "s", jobs=0)
+    assert not (tmp_path / "s").exists()

@@ -103,3 +103,19 @@ def test_report_renders_offline_in_chromium(quick):
     outside = [u for u in requests if not (u.startswith(base) or u.startswith("data:"))]
     assert not outside, outside
     assert not errors, errors
+
+
+def test_local_launcher_gives_the_numbers_of_the_default_path(quick, tmp_path):
+    "`--launcher local` (submitit's local executor, one process per run) trains the same runs to the same numbers."
+    pytest.importorskip("submitit", reason='the local launcher needs the optional extra: pip install -e ".[cluster]"')
+    out, r, _ = quick
+    assert r.returncode == 0
+    local = subprocess.run([*CROSSCLASS, "reproduce", "--quick", "--launcher", "local", "--out", str(tmp_path / "local")],
+                           capture_output=True, text=True, timeout=900, env=ENV)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert json.loads((tmp_path / "local/timings.json").read_text())["launcher"] == "local"
+    assert all((tmp_path / "local/logs" / s.name).is_dir() for s in get_study("fmnist-quick").runs)   # one submitit job per run
+    numbers = lambda d: json.dumps([{k: v for k, v in row.items() if k != "seconds"}   # as text: NaN equals NaN
+                                    for row in json.loads((d / "summary.json").read_text())])
+    assert numbers(tmp_path / "local") == numbers(out)
+    assert (tmp_path / "local/claims.json").read_text() == (out / "claims.json").read_text()
