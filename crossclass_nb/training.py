@@ -30,18 +30,18 @@ from .core import (CheckpointError, CrossclassError, InputError, RunDirError, at
                                 atomic_write, atomic_write_text, get_device, get_rng_state, images_checked, safe_load,
                                 set_rng_state, set_seed)
 from .data import DATASET_NAMES, DATASET_STATS, TensorLoader, load_dataset, stratified_subset, train_val_split
-from .models import MODEL_NAMES, get_model
+from .models import MODEL_NAMES, check_model_name, get_model
 from .attacks import PGD, MissingExtraError, fgsm_rs, pgd, trades_adv
-from .attribution import attribution_report
+from .attribution import ClassSums, class_sums, report_from_sums, write_cas_record
 
 # %% auto #0
 __all__ = ['LOSSES_NAMES', 'PRESETS', 'LOSSES', 'FORMAT_VERSION', 'COMPILE_RECOMPILE_LIMIT', 'TrainConfig', 'get_config',
            'parse_setting', 'LossOutput', 'standard_loss', 'pgd_at_loss', 'fgsm_rs_loss', 'trades_loss', 'make_loss',
            'kd_loss', 'kd_weight_at', 'ema_update', 'LRSchedule', 'load_checkpoint', 'load_weights', 'build_model',
            'load_model', 'RunLock', 'run_dir_state', 'evaluate', 'Callback', 'CancelFit', 'Trainer', 'ScheduleCB',
-           'TrainMetricsCB', 'DistillCB', 'EvalCB', 'CASCB', 'write_metrics', 'load_metrics', 'CheckpointCB',
-           'FinalEvalCB', 'require_tensorboard', 'TensorBoardCB', 'ProgressCB', 'FiguresCB', 'flip_labels',
-           'load_splits', 'check_bf16', 'make_trainer', 'train']
+           'TrainMetricsCB', 'DistillCB', 'EvalCB', 'shared_report', 'CASCB', 'write_metrics', 'load_metrics',
+           'CheckpointCB', 'FinalEvalCB', 'epoch_cost', 'require_tensorboard', 'TensorBoardCB', 'ProgressCB',
+           'FiguresCB', 'flip_labels', 'load_splits', 'check_bf16', 'make_trainer', 'train']
 
 # %% ../nbs/06_training.ipynb #5ee5688c
 @dataclass
@@ -181,7 +181,7 @@ def _validate(self) -> TrainConfig:
     def bad(msg): raise InputError(msg)
     for k, choices in _CHOICES.items():
         if getattr(self, k) not in choices: bad(f"{k}={getattr(self, k)!r} is not one of {', '.join(choices)}")
-    if self.model not in MODEL_NAMES: bad(f"model={self.model!r} is unknown: use one of {', '.join(MODEL_NAMES)}")
+    check_model_name(self.model)
     if self.dataset not in DATASET_NAMES: bad(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_NAMES)}")
     for k in ("epochs", "batch_size", "eval_batch_size", "eval_every", "eval_steps"):
         if getattr(self, k) < 1: bad(f"{k} must be at least 1, got {getattr(self, k)}")
@@ -714,28 +714,32 @@ class EvalCB(Callback):
             t.row.update({f"{name}_{k}": v for k, v in r.items()})
         t.row["time_eval"] = time.perf_counter() - t0
 
+def shared_report(model: nn.Module, # the model (eval mode is set)
+                  x: torch.Tensor, y: torch.Tensor, # this process's share of the examples
+                  attack, classes, batch_size: int = 512, # the attack to run (None: `x` is already attacked)
+                 ):
+    "`attribution_report` of the examples of all DDP processes together: each sums its share, the sums are added."
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+    sums = class_sums(model, batches, None, attack, len(classes), batch_size)
+    return report_from_sums(ClassSums(*(_all_reduce(s) for s in sums)), model, classes, attack, batch_size)
+
 class CASCB(Callback):
-    "Attribution matrix, CAS and per-class robust accuracy every `every` epochs; writes cas/epoch_XXX.json."
+    "Attribution matrix, CAS and per-class robust accuracy every `every` epochs; rank 0 writes cas/epoch_XXX.json."
     order = 25
     def __init__(self, split: str, x, y, attack, every: int = 1, classes=None, out_dir=None, batch_size: int = 512,
-                 write: bool = True):
+                 rank: int = 0, world_size: int = 1):
         self.split, self.x, self.y, self.attack, self.every, self.classes = split, x, y, attack, every, classes
-        self.out_dir, self.bs, self.write = Path(out_dir) if out_dir else None, batch_size, write
+        self.out_dir, self.bs, self.rank, self.ws = Path(out_dir) if out_dir else None, batch_size, rank, world_size
     def due(self, t): return (t.epoch + 1) % self.every == 0 or t.epoch + 1 == t.n_epochs
     def after_epoch(self, t):
         t.cas_result = None
-        if not self.due(t) or not self.write: return    # only rank 0 writes, so only rank 0 computes
-        x_adv = getattr(t, "adv", {}).get(self.split)
-        data = [(x_adv[i:i+self.bs], self.y[i:i+self.bs]) for i in range(0, len(self.y), self.bs)] if x_adv is not None \
-            else [(self.x[i:i+self.bs], self.y[i:i+self.bs]) for i in range(0, len(self.y), self.bs)]
-        res = attribution_report(t.attack_model, data, attack=None if x_adv is not None else self.attack,
-                                 num_classes=len(self.classes), batch_size=self.bs, classes=self.classes)
+        if not self.due(t): return
+        x_adv, y = getattr(t, "adv", {}).get(self.split), self.y[self.rank::self.ws]   # the evaluation's share, if kept
+        x, attack = (x_adv, None) if x_adv is not None else (self.x[self.rank::self.ws], self.attack)
+        res = shared_report(t.attack_model, x, y, attack, self.classes, self.bs)
         t.row.update(cas=float(res.cas), cas_acc=float(res.accuracy))
         t.cas_result = res
-        if self.out_dir is not None:
-            d = {"epoch": t.epoch + 1, "split": self.split, "attack": str(self.attack), **res.to_dict(include_A=False)}
-            (self.out_dir / "cas").mkdir(exist_ok=True)
-            atomic_write_text(self.out_dir / "cas" / f"epoch_{t.epoch + 1:03d}.json", json.dumps(d) + "\n")
+        if self.out_dir is not None and self.rank == 0: write_cas_record(self.out_dir, t.epoch + 1, res, self.split, self.attack)
 
 # %% ../nbs/06_training.ipynb #1e5b8604
 def _nan_to_none(v): return None if isinstance(v, float) and math.isnan(v) else v
@@ -827,13 +831,12 @@ class FinalEvalCB(Callback):
         out = {}
         for name, (x, y) in self.splits.items():
             r = evaluate(model, x, y, self.attack, self.bs, "none", self.rank, self.ws, keep_adv=name == self.cas_split)
-            if "x_adv" in r: out["cas"] = self.cas_of(model, r.pop("x_adv"), y[self.rank::self.ws])
+            x_adv = r.pop("x_adv", None)
+            if x_adv is not None: out["cas"] = self.cas_of(model, x_adv, y[self.rank::self.ws])
             out.update({f"{name}_{k}": v for k, v in r.items()})
         return out
-    def cas_of(self, model, x_adv, y) -> float | None:
-        if self.ws > 1 or x_adv is None: return None
-        batches = [(x_adv[i:i + self.bs], y[i:i + self.bs]) for i in range(0, len(y), self.bs)]
-        return float(attribution_report(model, batches, num_classes=len(self.classes), classes=self.classes).cas)
+    def cas_of(self, model, x_adv, y) -> float:
+        return float(shared_report(model, x_adv, y, None, self.classes, self.bs).cas)
     def after_fit(self, t):
         best_state = self.ck_cb.best_weights() if t.history else None
         if best_state is None: return
@@ -844,6 +847,20 @@ class FinalEvalCB(Callback):
         t.final_eval = res
         if self.out_dir is not None and self.rank == 0:
             atomic_write_text(self.out_dir / "final_eval.json", json.dumps(res, indent=1) + "\n")
+
+# %% ../nbs/06_training.ipynb #e0c05701
+def epoch_cost(cfg: TrainConfig, # a config
+               n_train: int, n_val: int, n_test: int, # sizes of the splits
+              ) -> dict:
+    "Forward-and-backward passes of one image per epoch, by part of the epoch (the final evaluation averaged over epochs)."
+    inner = {"standard": 0, "pgd": cfg.steps, "trades": cfg.steps, "fgsm_rs": 1}[cfg.loss]
+    def watched(n): return min(n, cfg.monitor_size or n)
+    n_cas = n_test if cfg.cas_split == "test" else n_val
+    reused = watched(n_cas) == n_cas and cfg.cas_every % cfg.eval_every == 0    # CAS on the evaluation's examples
+    cas = n_cas * cfg.eval_steps / cfg.cas_every if cfg.cas_every and not reused else 0
+    final = 2 * (n_val + n_test) * cfg.eval_steps / cfg.epochs if cfg.final_eval else 0
+    return {"training": n_train * (inner + 1), "monitoring": (watched(n_val) + watched(n_test)) * cfg.eval_steps / cfg.eval_every,
+            "CAS": cas, "final evaluation": final}
 
 # %% ../nbs/06_training.ipynb #f1e2d3c7
 def require_tensorboard() -> None:
@@ -908,7 +925,8 @@ class FiguresCB(Callback):
         a1.set_xlabel("epoch"); a1.set_ylabel("accuracy"); a1.legend(fontsize=7)
         cas = [(r["epoch"], r["cas"]) for r in t.history if not math.isnan(r.get("cas", float("nan")))]
         if cas:
-            best = t.history[-1].get("best_epoch") or None
+            best = t.history[-1].get("best_epoch")
+            best = best if best in [e for e, _ in cas] else None     # marked only if CAS was measured then
             plot_cas_curve([e for e, _ in cas], [c for _, c in cas], ax=a2, best_epoch=best, last_epoch=ep[-1],
                            lr_decays=[m for m in self.milestones if m < ep[-1]])
         (self.out_dir / "figures").mkdir(exist_ok=True)
@@ -1016,12 +1034,12 @@ def _callbacks(cfg, splits, device, channels_last, schedule, info, run_dir, rank
     full = _eval_splits(cfg, splits, device, channels_last)
     watched = _eval_splits(cfg, splits, device, channels_last, cfg.monitor_size)
     attack = _eval_attack(cfg)
-    reuse = cfg.cas_every and ws == 1 and len(watched[cfg.cas_split][1]) == len(full[cfg.cas_split][1])
+    reuse = cfg.cas_every and len(watched[cfg.cas_split][1]) == len(full[cfg.cas_split][1])
     cbs = [ScheduleCB(schedule), TrainMetricsCB(),
            EvalCB(watched, attack, cfg.eval_every, cfg.eval_batch_size, cfg.amp if cfg.amp_eval else "none", rank, ws,
                   keep_adv=cfg.cas_split if reuse else None)]
     if cfg.cas_every: cbs.append(CASCB(cfg.cas_split, *full[cfg.cas_split], attack, cfg.cas_every, classes,
-                                       run_dir if write else None, cfg.eval_batch_size, write=rank == 0))
+                                       run_dir if write else None, cfg.eval_batch_size, rank, ws))
     if cfg.kd != "none":
         teacher = copy.deepcopy(raw) if cfg.kd == "ema" else _load_teacher(cfg, len(classes), splits["train"].x.shape[1:], device)
         cbs.append(DistillCB(teacher, cfg.kd_decay if cfg.kd == "ema" else None, cfg.kd_temperature, cfg.kd_weight,

@@ -38,7 +38,7 @@ def _free_port():
 
 
 def test_ddp_two_processes_gloo(tmp_path):
-    runs = {"pgd": get_config("fmnist-tiny", epochs=2, figures=False),
+    runs = {"pgd": get_config("fmnist-tiny", epochs=2, figures=False, final_eval=True),
             "trades_kd": get_config("fmnist-tiny", epochs=2, loss="trades", kd="ema", kd_decay=0.9, figures=False, cas_every=0)}
     args = []
     for name, cfg in runs.items():
@@ -63,4 +63,9 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert sums["destroyed"], "train() left its process group behind"
         assert rows[-1]["train_loss"] < rows[0]["train_loss"] or rows[-1]["train_clean_acc"] > 0.3
     assert "cas" in load_metrics(tmp_path / "pgd")[-1] and (tmp_path / "pgd" / "cas" / "epoch_002.json").exists()
+    record = json.loads((tmp_path / "pgd" / "cas" / "epoch_002.json").read_text())     # the CAS pass is shared:
+    assert record["settings"]["num_examples"] == runs["pgd"].test_size                 # both halves were summed
+    assert record["cas"] == load_metrics(tmp_path / "pgd")[-1]["cas"]
+    final = json.loads((tmp_path / "pgd" / "final_eval.json").read_text())
+    assert final["best"]["cas"] > 0 and 0 <= final["last"]["test_robust_acc"] <= final["last"]["test_clean_acc"] <= 1
     assert not (tmp_path / "trades_kd" / "cas").exists()

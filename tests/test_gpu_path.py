@@ -103,3 +103,23 @@ def test_every_model_runs_under_deterministic_algorithms(deterministic, name):
     loss.backward()                                              # the training step's parameter gradients
     assert torch.isfinite(grad_x).all() and grad_x.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_gpu_check_script_runs_to_the_end_on_the_cpu(tmp_path):
+    "scripts/gpu_check.sh --device cpu: every check passes on a fake CIFAR, one line each, and a summary line."
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "CROSSCLASS_DEVICE")}
+    p = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path)],
+                       cwd=root, env={**env, "CROSSCLASS_DATA": str(tmp_path / "no-data")}, capture_output=True,
+                       text=True, timeout=900)
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    checks = [l.split()[1] for l in lines if l.startswith(("PASS", "FAIL", "SKIP"))]
+    assert checks == ["data", "train-eval-cas-none", "train-eval-cas-bf16", "train-eval-cas-fp16", "compile",
+                      "resume-after-kill", "ddp-2-processes", "bench-at-step", "bench-attribution"]
+    assert all(l.startswith("PASS") for l in lines[1:-1]), p.stdout
+    assert lines[-1].startswith("gpu_check summary: 9 passed, 0 failed, 0 skipped on cpu")
+    assert (tmp_path / "at_step_cpu.json").is_file() and (tmp_path / "attribution_cpu.json").is_file()

@@ -181,3 +181,17 @@ def test_run_files_get_the_users_permissions(tmp_path):
     try: train(get_config("fmnist-tiny", epochs=1, cas_every=0, figures=False), tmp_path / "private")
     finally: os.umask(old)
     assert (tmp_path / "private" / "last.pt").stat().st_mode & 0o777 == 0o600
+
+
+def test_torchvision_model_trains_with_the_datasets_classes(tmp_path):
+    "model='torchvision:resnet18': num_classes from the dataset, normalisation inside, model_kwargs passed on."
+    cfg = get_config("fmnist-tiny", model="torchvision:resnet18", model_kwargs={"zero_init_residual": True},
+                     train_size=40, val_size=20, test_size=20, epochs=1, batch_size=20, steps=1, eval_steps=1,
+                     figures=False, milestones=[1])
+    run = train(cfg, tmp_path / "run")
+    model, saved = load_model(run)
+    assert saved.model == "torchvision:resnet18" and model.head.out_features == 10
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert 0 <= load_metrics(run)[-1]["test_robust_acc"] <= 1
+    with pytest.raises(InputError, match="torchvision"):
+        get_config("fmnist-tiny", model="torchvision:resnet1800")
