@@ -202,11 +202,14 @@ def _checkpoint_target(path: Path, name: str, args, device) -> _Target:
     if args.data_root: cfg = TrainConfig.from_dict({"data_root": args.data_root}, base=cfg)
     return _Target(name, model, cfg, _test_data(cfg, args.n, device), str(path), path.parent, epoch)
 
-# %% ../nbs/09_cli.ipynb #fa72ca66
-def _external_model(args, num_classes: int):
-    "The classifier of `--arch` (with `--weights`) or `--robustbench`."
-    from crossclass_nb.models import load_arch, load_robustbench
-    if args.arch: return load_arch(args.arch, num_classes, weights=args.weights, head=args.head)
+# %% ../nbs/09_cli.ipynb #722ccfc3
+def _external_model(args, ds):
+    "The classifier of `--arch` (with `--weights`) or `--robustbench`, for the classes and channels of `ds`."
+    from crossclass_nb.models import ZOO_SOURCES, load_arch, load_robustbench
+    if args.arch:
+        zoo = args.arch.partition(":")[0] in ZOO_SOURCES                  # torchvision and timm: built for the images
+        options = {"in_channels": ds.x.shape[1]} if zoo else {}
+        return load_arch(args.arch, len(ds.classes), weights=args.weights, head=args.head, **options)
     where = {"model_dir": args.model_dir} if args.model_dir else {}
     threat = {"linf": "Linf", "l2": "L2"}[args.norm or "linf"]
     return load_robustbench(args.robustbench, dataset=args.dataset or "cifar10", threat_model=threat, **where)
@@ -219,7 +222,7 @@ def _external_target(args, device) -> _Target:
     dataset = args.dataset or "cifar10"
     cfg = TrainConfig(dataset=dataset, data_root=args.data_root, norm=args.norm or "linf")
     data = _test_data(cfg, args.n, device)
-    model = _external_model(args, len(data[0].classes)).to(device).eval()
+    model = _external_model(args, data[0]).to(device).eval()
     name = Path(args.weights).stem if args.weights else (args.robustbench or args.arch.split(":")[-1])
     out_dir = Path(args.weights).parent if args.weights else Path(".")
     return _Target(name, model, cfg, data, args.robustbench or args.arch, out_dir)

@@ -683,3 +683,81 @@ CASES += [
          setup=_digits_ckpt, argv=_cli("cas", "{d}/run/best.pt", "{d}/digits.pt", "--n", "20", "--out", "{d}/cas"),
          words=("different classes", ("same dataset", "one dataset", "of one run", "separately"))),
 ]
+
+# ---- models of your own on the command line: --arch with --weights, --robustbench, and the optional extras
+
+_ABSENT = object()
+
+
+def _hide_module(name: str, then=None):
+    "setup: `import name` fails, as on an installation without that optional extra; the cleanup undoes it."
+    def setup(d):
+        if then: then(d)
+        saved = sys.modules.get(name, _ABSENT)
+        sys.modules[name] = None
+        def cleanup():
+            if saved is _ABSENT: sys.modules.pop(name, None)
+            else: sys.modules[name] = saved
+        return cleanup
+    return setup
+
+
+def _user_module(source: str, then=None):
+    "setup: a module `crossclass_case_nets` with `source`, importable from a folder outside the sandbox."
+    def setup(d):
+        if then: then(d)
+        folder = Path(tempfile.mkdtemp(prefix="crossclass_nets_"))
+        (folder / "crossclass_case_nets.py").write_text(source)
+        sys.path.insert(0, str(folder))
+        def cleanup():
+            sys.path.remove(str(folder))
+            sys.modules.pop("crossclass_case_nets", None)
+            shutil.rmtree(folder)
+        return cleanup
+    return setup
+
+
+def _weights(make):
+    "setup: the small CIFAR-10 folder, and `make()` saved as d/W.pt."
+    def setup(d):
+        _cifar_setup()(d)
+        torch.manual_seed(0)
+        torch.save(make(), d / "W.pt")
+    return setup
+
+
+def _resnet18_state(classes: int):
+    import torchvision
+    return lambda: torchvision.models.resnet18(num_classes=classes).state_dict()
+
+
+_ON_CIFAR = ("--dataset", "cifar10", "--data-root", "{d}/cifar", "--n", "0")
+
+CASES += [
+    Case("cli-cas-arch-unknown", "cli", "crossclass cas --arch torchvision:resnet99 (no such network)",
+         setup=_cifar_setup(), argv=_cli("cas", "--arch", "torchvision:resnet99", *_ON_CIFAR),
+         words=("resnet99", ("close names", "list of models"))),
+    Case("cli-cas-arch-no-source", "cli", "crossclass cas --arch resnet18 (without torchvision:)", setup=_cifar_setup(),
+         argv=_cli("cas", "--arch", "resnet18", *_ON_CIFAR), words=("resnet18", "torchvision:NAME")),
+    Case("cli-cas-arch-not-a-module", "cli", "--arch mymodule:make where make returns a string, not a network",
+         setup=_user_module("def make(num_classes=10):\n    return 'a network'\n", then=_cifar_setup()),
+         argv=_cli("cas", "--arch", "crossclass_case_nets:make", *_ON_CIFAR), words=("returned a str", "nn.Module")),
+    Case("cli-cas-weights-do-not-fit", "cli", "--weights of a 3-class ResNet-18 for the 10 classes of CIFAR-10",
+         setup=_weights(_resnet18_state(3)), argv=_cli("cas", "--arch", "torchvision:resnet18", "--weights", "{d}/W.pt",
+                                                        *_ON_CIFAR), words=("do not fit", "number of classes")),
+    Case("cli-cas-weights-pickled-module", "cli", "--weights of a whole pickled module (torch.save(model, path))",
+         setup=_weights(lambda: nn.Linear(2, 2)),
+         argv=_cli("cas", "--arch", "torchvision:resnet18", "--weights", "{d}/W.pt", *_ON_CIFAR),
+         words=("W.pt", "torch.save(model.state_dict(), path)")),
+    Case("cli-cas-arch-without-dataset", "cli", "crossclass cas --arch without --dataset",
+         argv=_cli("cas", "--arch", "torchvision:resnet18"), words=("--dataset", "test data")),
+    Case("cli-cas-two-sources", "cli", "crossclass cas of a run directory and --arch at once", setup=_with_run(),
+         argv=_cli("cas", "{d}/run", "--arch", "torchvision:resnet18"), words=("exclude each other", "name one model")),
+    Case("cli-cas-robustbench-without-extra", "cli", "crossclass cas --robustbench without the [zoo] extra",
+         setup=_hide_module("robustbench", then=_cifar_setup()),
+         argv=_cli("cas", "--robustbench", "Standard", "--data-root", "{d}/cifar", "--n", "0"),
+         words=("robustbench", '.[zoo]')),
+    Case("cli-eval-autoattack-without-extra", "cli", "crossclass eval --autoattack cheap without the [eval] extra",
+         setup=_hide_module("torchattacks", then=_with_run()), argv=_cli("eval", "{d}/run", "--autoattack", "cheap"),
+         words=("torchattacks", '.[eval]')),
+]

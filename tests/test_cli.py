@@ -209,13 +209,14 @@ def test_cas_of_a_torchvision_model(resnet_weights, capsys):
     assert code == 0, err
     assert {p.name for p in d.iterdir()} - before == {"W.cas.json", "W.similarity.png"}
     rec = json.loads((d / "W.cas.json").read_text())
-    assert rec["checkpoint"] == "torchvision:resnet18" and rec["epoch"] is None and rec["settings"]["n"] == 20
+    assert rec["checkpoint"] == "torchvision:resnet18" and rec["epoch"] is None and rec["settings"]["num_examples"] == 20
     assert abs(rec["cas"] - float(_hand_cas(d / "W.pt", d / "data"))) < 1e-4
     code, out, err = run(capsys, "cas", "--arch", "torchvision:resnet18", "--weights", d / "W.pt", "--dataset", "cifar10",
                          "--data-root", d / "data", "--n", "0", "--steps", "2", "--out", d / "adv")
     assert code == 0, err
     adv = json.loads((d / "adv" / "W.cas.json").read_text())
-    assert adv["settings"]["attack"] is not None and "PGD-2" in str(adv["settings"]["attack"])
+    attack = adv["settings"]["attack"]
+    assert (attack["name"], attack["steps"], attack["norm"]) == ("PGD", 2, "linf") and abs(attack["eps"] - 8 / 255) < 1e-9
 
 
 def test_eval_of_a_torchvision_model(resnet_weights, tmp_path, capsys):
