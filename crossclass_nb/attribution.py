@@ -257,7 +257,7 @@ def attribution_report(model: nn.Module, # a classifier with `features` and a li
     s = class_sums(model, data, None, attack, K, batch_size)
     return report_from_sums(s, model, classes, attack, batch_size)
 
-# %% ../nbs/05_attribution.ipynb #3fb0b129
+# %% ../nbs/05_attribution.ipynb #da5e98cd
 def write_cas_record(out_dir: str | Path, # the run directory
                      epoch: int, # the epoch (1-based) the result belongs to
                      result: AttributionResult, # the report of that epoch
@@ -338,7 +338,7 @@ def plot_cas_curve(epochs: Sequence[int], # the epochs at which CAS was measured
     ax.set_xlabel("epoch"); ax.set_ylabel("CAS"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/05_attribution.ipynb #ce60179a
+# %% ../nbs/05_attribution.ipynb #7e009cb0
 def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
                       classes: Sequence[str] | None = None, # class names, one per panel
                       top: int = 12, # how many features to show: those with the largest total |A| over the classes
@@ -364,7 +364,7 @@ def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_attribution.ipynb #f36c8ec4
+# %% ../nbs/05_attribution.ipynb #25128e56
 def _read_rows(path: Path) -> list[dict]:
     "The rows of a metrics.jsonl file (none if it does not exist)."
     if not path.is_file(): return []
@@ -381,7 +381,7 @@ def _check_tracker_dir(out_dir: Path) -> None:
     if cfg.is_file() and set(json.loads(cfg.read_text())) != {"name", "epochs"}:
         raise RunDirError(f"{out_dir} holds a training run (its config.json is the trainer's): give the tracker its own directory")
 
-# %% ../nbs/05_attribution.ipynb #73a88f5a
+# %% ../nbs/05_attribution.ipynb #418a9596
 class CASTracker:
     "Attribution report of `model` on `data` every `every` epochs, written as a training run writes it."
     def __init__(self,
@@ -406,7 +406,7 @@ class CASTracker:
 
     def due(self, epoch: int) -> bool: return epoch % self.every == 0 or epoch == self.epochs
 
-# %% ../nbs/05_attribution.ipynb #8d1edab3
+# %% ../nbs/05_attribution.ipynb #0c6c464e
 def _measure(self) -> AttributionResult:
     "The report of the model now, under the tracker's seed; the caller's random state is left as it was."
     devices = [d for d in {_model_device(self.model)} if d.type == "cuda"]

@@ -92,7 +92,7 @@ class Classifier(nn.Module):
         "Logits `head(features(x))`."
         return self.head(self.features(x))
 
-# %% ../nbs/03_models.ipynb #5e660f4d
+# %% ../nbs/03_models.ipynb #cc93a0be
 def _pool_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     "size x n matrix whose row i averages window i of adaptive average pooling from n to size."
     i, j = torch.arange(size, device=like.device), torch.arange(n, device=like.device)
@@ -238,7 +238,7 @@ _BODIES = {"preact_resnet18": preact_resnet18_body, "resnet18": resnet18_body,
            "wrn34_10": wrn_body, "small_cnn": small_cnn_body, "mlp": mlp_body}
 MODEL_NAMES = tuple(_BODIES)
 
-# %% ../nbs/03_models.ipynb #f704c402
+# %% ../nbs/03_models.ipynb #cb91aa07
 ZOO_SOURCES = ("torchvision", "timm")
 
 def _timm():
@@ -255,7 +255,7 @@ def _zoo_names(source: str) -> list[str]:
     import torchvision
     return torchvision.models.list_models(module=torchvision.models)
 
-# %% ../nbs/03_models.ipynb #27759412
+# %% ../nbs/03_models.ipynb #7dfdb4a2
 def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
                     ) -> str:
     "Return `name` if `get_model` can build it; otherwise raise an `InputError` that names the choices."
@@ -271,7 +271,7 @@ def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "tim
         raise InputError(f"{source} has no classification model {arch!r}{hint}: see {source}'s list of models")
     return name
 
-# %% ../nbs/03_models.ipynb #0fe5766e
+# %% ../nbs/03_models.ipynb #a5fde2fb
 def _adapt_stem(net: nn.Module, in_channels: int) -> None:
     "Rebuild the first convolution of `net` for `in_channels` input channels if it expects another number."
     name, conv = next(((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
@@ -316,7 +316,7 @@ def get_model(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
     body, n = make(in_channels=in_channels, **kw)
     return Classifier(body, n, num_classes, in_channels, mean, std)
 
-# %% ../nbs/03_models.ipynb #4d79805a
+# %% ../nbs/03_models.ipynb #8c01db6b
 class SplitClassifier(nn.Module):
     "A network whose logits come out of its final `nn.Linear`, read as `head(features(x))`; `forward` is its own."
     def __init__(self,
@@ -341,7 +341,7 @@ class SplitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.model(x)
 
-# %% ../nbs/03_models.ipynb #dd895c10
+# %% ../nbs/03_models.ipynb #748c3769
 def _first_attribute(model: nn.Module, name: str):
     "The attribute `name` of the first submodule that has one (e.g. a wrapped network's image size)."
     return next((getattr(m, name) for m in model.modules() if getattr(m, name, None) is not None), None)
@@ -359,7 +359,7 @@ def _probe_input(model: nn.Module) -> torch.Tensor:
     p = next(model.parameters())
     return torch.rand(2, *shape, device=p.device, dtype=p.dtype)
 
-# %% ../nbs/03_models.ipynb #007fd4ef
+# %% ../nbs/03_models.ipynb #94996f93
 def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
     "The network's output on `x` (eval mode, no gradient) and the output of each of its nn.Linear layers by name."
     outs = {}
@@ -376,7 +376,7 @@ def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
 def _is_output(t: torch.Tensor, out) -> bool:
     return isinstance(out, torch.Tensor) and t.shape == out.shape and torch.equal(t, out)
 
-# %% ../nbs/03_models.ipynb #36e2cb85
+# %% ../nbs/03_models.ipynb #6e65ef6e
 def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None) -> str:
     "The dotted name of the nn.Linear whose output is the network's output, checked on a forward pass."
     what = type(model).__name__
@@ -399,7 +399,7 @@ def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None)
         raise InputError(f"several nn.Linear layers give the output of {what}: {', '.join(found)}; choose one with head=NAME")
     return head or found[0]
 
-# %% ../nbs/03_models.ipynb #7fe53cc4
+# %% ../nbs/03_models.ipynb #82a9b08a
 def as_classifier(model: nn.Module, # a classifier whose logits come out of a final nn.Linear
                   head: str | None = None, # dotted name of that layer ("fc", "classifier.6"); None: find it
                   example: torch.Tensor | None = None, # a batch of inputs for the check; None: guessed from the network
@@ -407,9 +407,9 @@ def as_classifier(model: nn.Module, # a classifier whose logits come out of a fi
     "`model` with `features` (the head's input, g) and `head` (its final nn.Linear); `model(x)` is unchanged."
     if not isinstance(model, nn.Module): raise InputError(f"as_classifier needs an nn.Module, got {type(model).__name__}")
     if isinstance(model, (Classifier, SplitClassifier)) and head is None: return model
-    return SplitClassifier(model, _find_head(model, head, example))
+    return SplitClassifier(model, _find_head(model, head, example)).train(model.training)  # the network's mode
 
-# %% ../nbs/03_models.ipynb #67594d9c
+# %% ../nbs/03_models.ipynb #a30b7a61
 def _user_network(spec: str, num_classes: int, **kw) -> nn.Module:
     "Call `package.module:callable` (the user's own code, imported on purpose) to build the network."
     module_name, _, attr = spec.partition(":")
@@ -437,7 +437,7 @@ def _load_weights(net: nn.Module, path, spec: str) -> None:
         raise CheckpointError(f"the weights in {path} do not fit {spec}: {detail} (check the architecture, its options "
                               "and the number of classes)") from None
 
-# %% ../nbs/03_models.ipynb #fd73ef3d
+# %% ../nbs/03_models.ipynb #8deb3501
 def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:callable"
               num_classes: int, # K, the number of classes
               weights=None, # a state dict file of the network (loaded with weights_only=True); None: as initialised
@@ -456,7 +456,7 @@ def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:ca
         raise InputError(f"{spec} has {model.head.out_features} outputs but the data have {num_classes} classes")
     return model.eval()
 
-# %% ../nbs/03_models.ipynb #4779d66e
+# %% ../nbs/03_models.ipynb #1be3b9cd
 def _robustbench():
     "robustbench's loader, its model registry and its enums, or a `MissingExtraError` that names the extra."
     from crossclass_nb.attacks import MissingExtraError
@@ -482,7 +482,7 @@ def _robustbench_entry(name: str, dataset: str, threat_model: str):
                          f"{'; close names: ' + ', '.join(close) if close else ''}: see the RobustBench leaderboard")
     return load
 
-# %% ../nbs/03_models.ipynb #2932c8d8
+# %% ../nbs/03_models.ipynb #08619157
 def load_robustbench(name: str, # a model of the RobustBench zoo, e.g. "Wong2020Fast"
                      dataset: str = "cifar10", # "cifar10", "cifar100" or "imagenet"
                      threat_model: str = "Linf", # "Linf", "L2" or "corruptions"

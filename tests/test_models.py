@@ -96,3 +96,79 @@ def test_mlp_lazy_and_eager():
     assert eager.features(torch.rand(2, 1, 28, 28)).shape == (2, 16)
     # the lazy model, once materialised, loads the eager model's weights
     lazy.load_state_dict(eager.state_dict())
+
+
+# --- deterministic on CUDA: no pooling without a deterministic CUDA backward, and every model under deterministic mode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NONDETERMINISTIC_ON_CUDA = {"_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward", "adaptive_max_pool2d_backward",
+                            "avg_pool3d_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
+                            "max_unpool2d", "max_unpool3d", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward"}
+CASES = [*SHAPES.items(), ("small_cnn", (3, 32, 32)), ("wrn34_10", (3, 32, 32))]  # small_cnn: 7x7 and 8x8 maps
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self): super().__init__(); self.ops = set()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name.split("::")[-1]); return func(*args, **(kwargs or {}))
+
+
+def training_step_ops(model, x):
+    x = x.clone().requires_grad_()
+    with OpRecorder() as rec: model.train()(x).logsumexp(1).sum().backward()
+    return rec.ops, x.grad
+
+
+@pytest.mark.parametrize("name, shape", CASES)
+def test_deterministic_forward_backward(name, shape):
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=10, in_channels=shape[0])
+    torch.use_deterministic_algorithms(True)
+    try: ops, grad = training_step_ops(model, torch.rand(2, *shape))
+    finally: torch.use_deterministic_algorithms(False)
+    assert grad is not None and torch.isfinite(grad).all()
+    assert not ops & NONDETERMINISTIC_ON_CUDA, name
+
+
+def test_the_recorder_sees_adaptive_pooling():
+    old = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 2))
+    assert "_adaptive_avg_pool2d_backward" in training_step_ops(old, torch.rand(2, 1, 28, 28))[0]
+
+
+def test_small_cnn_unchanged_by_the_pool():
+    "Same parameters (71,802 for 28x28 grey images and 10 classes) and the outputs of AdaptiveAvgPool2d(4)."
+    torch.manual_seed(0)
+    m = get_model("small_cnn", num_classes=10, in_channels=1).eval()
+    assert sum(p.numel() for p in m.parameters()) == 71_802
+    reference = nn.Sequential(*m.body[:4], nn.AdaptiveAvgPool2d(4), *m.body[5:])
+    for shape in [(4, 1, 28, 28), (4, 1, 32, 32), (4, 1, 8, 8)]:
+        x = torch.rand(shape)
+        with torch.no_grad(): torch.testing.assert_close(m.body(m.norm(x)), reference(m.norm(x)), rtol=0, atol=1e-6)
+
+
+# --- RobustBench through the optional extra, offline: a checkpoint placed in its model directory
+def test_load_robustbench_offline(tmp_path):
+    from crossclass_nb.attacks import MissingExtraError
+    from crossclass_nb.models import _robustbench, load_robustbench
+    try: _, registry, enums = _robustbench()
+    except MissingExtraError: pytest.skip("robustbench (extra [zoo]) is not installed")
+    torch.manual_seed(0)
+    net = registry[enums.BenchmarkDataset("cifar10")][enums.ThreatModel("Linf")]["Wong2020Fast"]["model"]()  # PreActResNet-18
+    (tmp_path / "cifar10" / "Linf").mkdir(parents=True)
+    torch.save(net.state_dict(), tmp_path / "cifar10" / "Linf" / "Wong2020Fast.pt")
+    m = load_robustbench("Wong2020Fast", model_dir=tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(m(x), net.eval()(x), rtol=0, atol=0)
+    assert m.head is m.model.linear and not m.training
+    with pytest.raises(InputError, match="Wong2020Fast"): load_robustbench("Wong2020Fst", model_dir=tmp_path)
+    with pytest.raises(InputError, match="L3"): load_robustbench("Wong2020Fast", threat_model="L3", model_dir=tmp_path)
+
+
+def test_missing_extra_is_named(monkeypatch):
+    import sys
+    from crossclass_nb.attacks import MissingExtraError
+    from crossclass_nb.models import load_robustbench
+    monkeypatch.setitem(sys.modules, "robustbench", None)                # as if it were not installed
+    with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[zoo\]"'): load_robustbench("Wong2020Fast")
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(MissingExtraError, match=r"\[zoo\]"): get_model("timm:resnet18")
