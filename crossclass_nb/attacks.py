@@ -5,6 +5,8 @@
 # %% ../nbs/04_attacks.ipynb #bfa54c40
 from __future__ import annotations
 
+import collections
+import contextvars
 import math
 import numbers
 from contextlib import contextmanager
@@ -13,32 +15,35 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .core import CrossclassError, InputError, check_images, parse_number
 
 # %% auto #0
-__all__ = ['NORMS', 'AA_VERSIONS', 'attack_mode', 'pgd', 'fgsm', 'fgsm_rs', 'trades_adv', 'PGD', 'accuracy', 'MissingExtraError',
-           'autoattack_accuracy']
+__all__ = ['NORMS', 'AA_VERSIONS', 'attack_mode', 'trusted_inputs', 'pgd', 'OpCounter', 'fgsm', 'fgsm_rs', 'trades_adv', 'PGD',
+           'accuracy', 'MissingExtraError', 'autoattack_accuracy']
 
 # %% ../nbs/04_attacks.ipynb #baa5d340
+def _bn_statistics(model: nn.Module) -> list:
+    "Pairs (buffer, copy) of the running statistics of every BatchNorm layer that tracks them."
+    stats = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            stats += [(b, b.clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    return stats
+
 @contextmanager
 def attack_mode(model: nn.Module, # the model to attack
                 train_mode: bool = False, # run the attack in train mode (batch statistics, dropout) instead of eval mode
                ):
-    "Freeze parameters and set the attack's mode; restore modes, `requires_grad` and BatchNorm statistics on exit."
+    "Set the attack's mode; on exit restore every submodule's mode and the BatchNorm statistics."
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    stats = []
-    if train_mode:  # batch-norm layers in train mode update their running statistics on every forward pass
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-                stats += [(b, b.clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    stats = _bn_statistics(model) if train_mode else []  # BatchNorm in train mode updates them on every forward pass
     try:
         model.train(train_mode)
-        for p, _ in flags: p.requires_grad_(False)
         yield model
     finally:
-        for p, f in flags: p.requires_grad_(f)
         for m, t in modes: m.training = t
         with torch.no_grad():
             for b, v in stats: b.copy_(v)
@@ -71,6 +76,7 @@ def _check_budget(eps, alpha, steps, norm: str, restarts: int = 1, x: torch.Tens
     if alpha <= 0: raise InputError(f"alpha (the step size) must be > 0, got {alpha}: a common choice is eps/4")
     return eps, alpha, int(steps), norm
 
+# %% ../nbs/04_attacks.ipynb #0d3d3ac0
 def _check_labels(y, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
         raise InputError(f"y must be a 1-d integer tensor of class indices, got {getattr(y, 'dtype', type(y).__name__)} "
@@ -79,10 +85,37 @@ def _check_labels(y, x: torch.Tensor) -> torch.Tensor:
     if y.device != x.device: raise InputError(f"x is on {x.device} but y is on {y.device}: move both to one device")
     return y.long()
 
-def _check_classes(y: torch.Tensor, logits: torch.Tensor):
-    lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one device sync
-    if lo < 0 or hi >= logits.shape[1]:
-        raise InputError(f"labels must lie in [0, {logits.shape[1] - 1}] for this model, got values in [{lo}, {hi}]")
+def _check_classes(y: torch.Tensor, num_classes: int):
+    lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one read back to the host
+    if lo < 0 or hi >= num_classes:
+        raise InputError(f"labels must lie in [0, {num_classes - 1}] for this model, got values in [{lo}, {hi}]")
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    "The model's number of classes: its head's outputs, or the width of its logits for the first example of `x`."
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear): return head.out_features
+    with attack_mode(model), torch.no_grad(): return model(x[:1].to(next(model.parameters()).device)).shape[1]
+
+# %% ../nbs/04_attacks.ipynb #ef5736b9
+_TRUSTED = contextvars.ContextVar("trusted_inputs", default=False)
+
+@contextmanager
+def trusted_inputs():
+    "Skip the checks that read data values back to the host (a device sync each), for data checked where they entered."
+    token = _TRUSTED.set(True)
+    try: yield
+    finally: _TRUSTED.reset(token)
+
+def _check_data(model: nn.Module, # the model the data are for
+                x, # images, values in [0, 1]
+                y, # labels, integers in [0, number of classes)
+               ) -> torch.Tensor:
+    "Check images and labels for `model` (their values only outside `trusted_inputs`); returns the labels as int64."
+    trusted = _TRUSTED.get()
+    if not trusted: check_images(x)
+    y = _check_labels(y, x)
+    if not trusted: _check_classes(y, _num_classes(model, x))
+    return y
 
 # %% ../nbs/04_attacks.ipynb #82f2533c
 def _norms(t: torch.Tensor) -> torch.Tensor:
@@ -110,19 +143,53 @@ def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     r = torch.rand((len(x),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
     return (x + eps * r * d / _norms(d).clamp_min(1e-12)).clamp(0, 1)
 
+# %% ../nbs/04_attacks.ipynb #b789da0d
+def _fp16_scaled(g_logits: torch.Tensor, per_example: bool) -> torch.Tensor:
+    "`g_logits` times a power of two that brings its largest entry (per example, or in the batch) into (2**7, 2**8]."
+    peak = g_logits.abs().amax(dim=1 if per_example else (0, 1), keepdim=True)
+    k = 8 - torch.ceil(torch.log2(peak)).clamp(min=-149)  # float32 reaches down to 2**-149
+    return g_logits * torch.exp2(torch.floor(k / 2)) * torch.exp2(torch.ceil(k / 2))  # in two factors: 2**k can overflow
+
+def _runs_in_fp16(out: torch.Tensor) -> bool:
+    "Whether the network computed in float16: a float16 model, or float16 autocast."
+    device = out.device.type
+    return out.dtype == torch.float16 or (torch.is_autocast_enabled(device)
+                                          and torch.get_autocast_dtype(device) == torch.float16)
+
+def _input_grad(model: nn.Module, x_adv: torch.Tensor, loss_fn) -> torch.Tensor:
+    "Gradient of `loss_fn(logits)`, taken in float32, w.r.t. `x_adv`; float16 networks get a loss scale."
+    out = model(x_adv)
+    logits = out.float()
+    loss = loss_fn(logits)
+    if not _runs_in_fp16(out): return torch.autograd.grad(loss, x_adv)[0]
+    g_logits, = torch.autograd.grad(loss, logits)
+    g_scaled = _fp16_scaled(g_logits, per_example=not model.training)
+    return torch.autograd.grad(logits, x_adv, grad_outputs=g_scaled)[0]
+
 # %% ../nbs/04_attacks.ipynb #d3afaf13
-def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, targeted, loss_fn):
+def _ce_sum(logits, y, targeted: bool = False):
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    return -loss if targeted else loss
+
+def _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, targeted):
+    "One PGD run: `steps` projected ascent steps from a random start (or from `x`)."
     x_adv = _random_start(x, eps, norm) if random_start and eps > 0 else x.clone()
-    for i in range(steps):
-        x_adv.requires_grad_(True)
-        logits = model(x_adv)
-        if i == 0: _check_classes(y, logits)
-        loss = loss_fn(logits.float(), y)
-        g, = torch.autograd.grad(-loss if targeted else loss, x_adv)
+    for _ in range(steps):
+        g = _input_grad(model, x_adv.requires_grad_(True), lambda logits: _ce_sum(logits, y, targeted))
         x_adv = _project(_ascent(x_adv.detach(), g, alpha, norm), x, eps, norm)
     return x_adv.detach()
 
-def _ce_sum(logits, y): return F.cross_entropy(logits, y, reduction="sum")
+def _stronger(model, x_adv, y, targeted, best):
+    "Merge a run into `best` = (x_adv, loss, hit) per example: fooling the model wins, then the higher loss."
+    with torch.no_grad():
+        logits = model(x_adv).float()
+        loss = F.cross_entropy(logits, y, reduction="none") * (-1 if targeted else 1)
+        hit = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
+    if best is None: return x_adv, loss, hit
+    best_x, best_loss, best_hit = best
+    better = (hit & ~best_hit) | ((hit == best_hit) & (loss > best_loss))
+    best_x = torch.where(better.view(-1, *(1,) * (x_adv.dim() - 1)), x_adv, best_x)
+    return best_x, torch.where(better, loss, best_loss), hit | best_hit
 
 # %% ../nbs/04_attacks.ipynb #72c24a34
 def pgd(model: nn.Module, # classifier taking images in [0, 1]
@@ -138,25 +205,31 @@ def pgd(model: nn.Module, # classifier taking images in [0, 1]
         train_mode: bool = False, # attack the model in train mode (BatchNorm batch statistics), as some AT codes do
        ) -> torch.Tensor:
     "Projected gradient descent (Madry et al.): detached adversarial images in [0, 1], inside the eps-ball."
-    x = check_images(x).detach()
+    y = _check_data(model, x, y)
+    x = x.detach()
     if x.is_inference(): x = x.clone()
-    y = _check_labels(y, x)
     eps, alpha, steps, norm = _check_budget(eps, alpha, steps, norm, restarts, x)
-    best = best_loss = best_hit = None
+    best = None
     with attack_mode(model, train_mode), torch.enable_grad():
         for _ in range(restarts):
-            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, targeted, _ce_sum)
+            x_adv = _pgd_run(model, x, y, eps, alpha, steps, norm, random_start, targeted)
             if restarts == 1: return x_adv
-            with torch.no_grad():
-                logits = model(x_adv).float()
-                loss = F.cross_entropy(logits, y, reduction="none") * (-1 if targeted else 1)
-                hit = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
-            if best is None: best, best_loss, best_hit = x_adv, loss, hit
-            else:
-                better = (hit & ~best_hit) | ((hit == best_hit) & (loss > best_loss))
-                best = torch.where(better.view(-1, *(1,) * (x.dim() - 1)), x_adv, best)
-                best_loss, best_hit = torch.where(better, loss, best_loss), hit | best_hit
-    return best
+            best = _stronger(model, x_adv, y, targeted, best)
+    return best[0]
+
+# %% ../nbs/04_attacks.ipynb #fa60a0ae
+class OpCounter(TorchDispatchMode):
+    "Count the ATen operators dispatched inside `with OpCounter() as ops:` (`ops.counts`) and their FLOPs (`ops.flops`)."
+    def __init__(self):
+        super().__init__()
+        self.counts, self.flops = collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.counts[func.overloadpacket.__name__] += 1
+        if func.overloadpacket in flop_registry: self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
 
 # %% ../nbs/04_attacks.ipynb #43740a2e
 def fgsm(model: nn.Module, # classifier taking images in [0, 1]
@@ -189,16 +262,15 @@ def trades_adv(model: nn.Module, # classifier taking images in [0, 1]
                *, train_mode: bool = False, # attack in train mode (the TRADES code uses eval mode)
               ) -> torch.Tensor:
     "TRADES inner maximisation: x' in the eps-ball maximising KL(p(x) || p(x'))."
-    x = check_images(x).detach()
+    x = (x if _TRUSTED.get() else check_images(x)).detach()
     if x.is_inference(): x = x.clone()
     eps, alpha, steps, norm = _check_budget(eps, alpha, steps, norm, 1, x)
     with attack_mode(model, train_mode), torch.enable_grad():
         with torch.no_grad(): p_clean = F.softmax(model(x).float(), dim=1)
+        kl_sum = lambda logits: F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
         x_adv = _project(x + 0.001 * torch.randn_like(x), x, eps, norm)
         for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_clean, reduction="sum")
-            g, = torch.autograd.grad(loss, x_adv)
+            g = _input_grad(model, x_adv.requires_grad_(True), kl_sum)
             x_adv = _project(_ascent(x_adv.detach(), g, alpha, norm), x, eps, norm)
     return x_adv.detach()
 
@@ -232,13 +304,18 @@ class PGD:
         return f"PGD-{self.steps}{rs} {self.norm} eps={self.eps:.4g} alpha={self.alpha:.4g}"
 
 # %% ../nbs/04_attacks.ipynb #b5f6a792
-def _batches(x, y, batch_size: int):
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+def _checked_batches(model: nn.Module, x, y, batch_size: int):
+    "`(x, y)` batches with their values checked where they enter: tensors once as a whole, an iterable batch by batch."
     if isinstance(x, torch.Tensor):
         if y is None: raise InputError("y is required when x is a tensor; or pass an iterable of (x, y) batches as x")
-        if len(x) != len(y): raise InputError(f"x has {len(x)} examples but y has {len(y)} labels")
-        for i in range(0, len(x), batch_size): yield x[i:i + batch_size], y[i:i + batch_size]
+        y = _check_data(model, x, y)
+        yield from zip(x.split(batch_size), y.split(batch_size))
     else:
-        for xb, yb in x: yield xb, yb
+        for xb, yb in x: yield xb, _check_data(model, xb, yb)
 
 def accuracy(model: nn.Module, # classifier taking images in [0, 1]
              x, # images N x C x H x W in [0, 1], or an iterable of (x, y) batches (then y=None)
@@ -247,20 +324,16 @@ def accuracy(model: nn.Module, # classifier taking images in [0, 1]
              batch_size: int = 256, # examples per batch when x is a tensor
             ) -> float:
     "Fraction of examples classified correctly, clean or under `attack`, in eval mode."
-    if not isinstance(batch_size, int) or batch_size < 1: raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_batch_size(batch_size)
     device = next(model.parameters()).device
-    modes = [(m, m.training) for m in model.modules()]
     correct, total = torch.zeros((), dtype=torch.long, device=device), 0
-    try:
-        model.eval()
-        for xb, yb in _batches(x, y, batch_size):
-            xb = check_images(xb.to(device, non_blocking=True))
-            yb = _check_labels(yb.to(device, non_blocking=True), xb)
-            if attack is not None: xb = attack(model, xb, yb)
+    with attack_mode(model):
+        for xb, yb in _checked_batches(model, x, y, batch_size):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if attack is not None:
+                with trusted_inputs(): xb = attack(model, xb, yb)
             with torch.no_grad(): correct += (model(xb).argmax(1) == yb).sum()
             total += len(yb)
-    finally:
-        for m, t in modes: m.training = t
     if total == 0: raise InputError("no examples to evaluate: the data is empty")
     return correct.item() / total
 
@@ -295,6 +368,16 @@ def _autoattack(model, eps: float, norm: str, version: str, num_classes: int, se
     return ta.MultiAttack(attacks) if len(attacks) > 1 else attacks[0]
 
 # %% ../nbs/04_attacks.ipynb #12b60b01
+@contextmanager
+def _frozen_parameters(model: nn.Module):
+    "Turn `requires_grad` off on every parameter, for code that calls `backward()` itself; restored on exit."
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags: p.requires_grad_(False)
+        yield model
+    finally:
+        for p, f in flags: p.requires_grad_(f)
+
 def autoattack_accuracy(model: nn.Module, # classifier taking images in [0, 1]
                         x: torch.Tensor, # clean images in [0, 1]
                         y: torch.Tensor, # labels (N,)
@@ -306,21 +389,18 @@ def autoattack_accuracy(model: nn.Module, # classifier taking images in [0, 1]
                        ) -> float:
     "Robust accuracy (fraction in [0, 1]) under AutoAttack, via torchattacks."
     if version not in AA_VERSIONS: raise InputError(f"version must be one of {', '.join(AA_VERSIONS)}, got {version!r}")
-    x = check_images(x)
-    y = _check_labels(y, x)
+    _check_batch_size(batch_size)
+    y = _check_data(model, x, y)
     eps, *_ = _check_budget(eps, 1.0, 1, norm, 1, x)
-    device = next(model.parameters()).device
-    num_classes = model.head.out_features if isinstance(getattr(model, "head", None), nn.Linear) else None
-    if num_classes is None:
-        with attack_mode(model), torch.no_grad(): num_classes = model(x[:1].to(device)).shape[1]
-    _check_classes(y, torch.empty(1, num_classes))
+    num_classes = _num_classes(model, x)
     if num_classes < 2: raise InputError("AutoAttack needs a model with at least 2 classes")
-    correct = 0
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
     fork = [device.index or 0] if device.type == "cuda" else []
-    with attack_mode(model), torch.random.fork_rng(devices=fork):
+    with attack_mode(model), _frozen_parameters(model), torch.random.fork_rng(devices=fork):
         attack = _autoattack(model, eps, norm, version, num_classes, seed)
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            xb, yb = xb.to(device), yb.to(device)
             xa = attack(xb, yb)
-            with torch.no_grad(): correct += (model(xa).argmax(1) == yb).sum().item()
-    return correct / len(x)
+            with torch.no_grad(): correct += (model(xa).argmax(1) == yb).sum()
+    return correct.item() / len(x)

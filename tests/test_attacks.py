@@ -1,9 +1,11 @@
 """Invariants of crossclass_nb.attacks, checked as properties with hypothesis, plus exact checks on linear models.
 
 Every attack must: return detached images in [0, 1] inside the eps-ball; leave parameter `.grad` untouched (None stays
-None); restore the train/eval mode of every submodule, the parameters' `requires_grad` and BatchNorm statistics (even
-on an exception); differentiate only with respect to the input; keep no graph alive; work under bf16 autocast.
+None) and the parameters' `requires_grad` as it was; restore the train/eval mode of every submodule and BatchNorm
+statistics (even on an exception); differentiate only with respect to the input; keep no graph alive; work under bf16
+autocast; take any classifier of images in [0, 1], e.g. a torchvision network.
 """
+import importlib.util
 import math
 import sys
 import weakref
@@ -133,12 +135,12 @@ def test_only_input_gradients_and_no_retained_graph():
     model = tiny_net().eval()
     seen, outputs = [], []
     def hook(mod, inp, out):
-        seen.append(any(p.requires_grad for p in model.parameters()))
+        seen.append(all(p.requires_grad for p in model.parameters()))
         outputs.append(weakref.ref(out))
     model[-1].register_forward_hook(hook)
     xa = pgd(model, torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 2]), 0.1, 0.03, 4)
-    assert len(seen) == 4 and not any(seen)  # parameters frozen during the attack
-    assert all(p.requires_grad for p in model.parameters())  # ... and thawed after
+    assert len(seen) == 1 + 4 and all(seen)  # one forward for the number of classes, one per step; flags left alone
+    assert all(p.grad is None for p in model.parameters())  # ... and no gradient reached them
     assert xa.grad_fn is None
     assert all(r() is None for r in outputs)  # every step's logits (and so its graph) are freed
 
@@ -297,8 +299,11 @@ def test_attack_mode_restores_everything():
     snap = snapshot(model)
     with attack_mode(model, train_mode=True):
         assert all(m.training for m in model.modules())
-        assert not any(p.requires_grad for p in model.parameters())
+        assert [p.requires_grad for p in model.parameters()] == snap["flags"]  # parameters are left alone
         model(torch.rand(4, 1, 6, 6))  # updates BN statistics inside
+    assert_untouched(model, snap)
+    with attack_mode(model):
+        assert not any(m.training for m in model.modules())
     assert_untouched(model, snap)
 
 
@@ -345,3 +350,55 @@ def test_autoattack_cheap_runs_and_finds_examples():
         assert aa < 1.0  # a large budget breaks a random tiny net
         assert_untouched(model, snap)
         assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_accuracy_checks_labels_where_the_data_enter():
+    model, x = tiny_net(k=3).eval(), torch.rand(6, 1, 6, 6)
+    bad = torch.tensor([0, 1, 2, 3, 0, 1])
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, x, bad)
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, [(x[:3], bad[:3]), (x[3:], bad[3:])])
+    with pytest.raises(InputError, match=r"labels must lie"): accuracy(model, x, bad, attack=PGD(0.1, steps=2))
+    with pytest.raises(InputError, match="divide 0..255"): accuracy(model, [(x * 255, bad % 3)])
+    with pytest.raises(InputError, match="batch_size"): autoattack_accuracy(model, x, bad % 3, 0.1, batch_size=0)
+
+
+def test_autoattack_standard_leaves_parameters_alone():
+    "FAB computes its gradients with backward(): the parameters must be frozen around it, and thawed after."
+    pytest.importorskip("torchattacks")
+    model = tiny_net(k=3).eval()
+    model[0].bias.requires_grad_(False)
+    x = torch.rand(2, 1, 4, 4)
+    with torch.no_grad(): y = model(x).argmax(1)
+    snap = snapshot(model)
+    assert 0 <= autoattack_accuracy(model, x, y, 0.3, version="standard") <= 1
+    assert_untouched(model, snap)
+
+
+# Any classifier of images in [0, 1]: a torchvision ResNet-18 (random weights) on a few 32 x 32 images, plain and, when
+# the package offers it, wrapped by `models.as_classifier` (which gives it the `features` / `head` split).
+def torchvision_resnet18(wrapped: bool):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    if not wrapped: return net
+    from crossclass_nb import models
+    if not hasattr(models, "as_classifier"): pytest.skip("crossclass_nb.models.as_classifier is not available")
+    return models.as_classifier(net)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "as_classifier"])
+def test_torchvision_classifier(wrapped):
+    net = torchvision_resnet18(wrapped).train()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(4, 3, 32, 32, generator=g), torch.tensor([0, 3, 5, 9])
+    snap = snapshot(net)
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        assert_valid(pgd(net, x, y, eps, eps / 4, 3, norm=norm), x, eps, norm)
+    assert_valid(PGD(8 / 255, steps=2)(net, x, y), x, 8 / 255, "linf")
+    assert_valid(trades_adv(net, x, 8 / 255, 2 / 255, 2), x, 8 / 255, "linf")
+    clean = accuracy(net, x, y)
+    assert accuracy(net, x, y, attack=PGD(16 / 255, steps=5)) <= clean
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 9\]"): pgd(net, x, y + 1, 0.1, 0.03, 1)
+    if importlib.util.find_spec("torchattacks") is not None:
+        assert autoattack_accuracy(net, x, y, 16 / 255, version="cheap") <= clean
+    assert_untouched(net, snap)
