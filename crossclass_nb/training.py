@@ -35,13 +35,80 @@ from .attacks import PGD, MissingExtraError, fgsm_rs, pgd, trades_adv
 from .attribution import ClassSums, class_sums, report_from_sums, write_cas_record
 
 # %% auto #0
-__all__ = ['LOSSES_NAMES', 'PRESETS', 'LOSSES', 'FORMAT_VERSION', 'COMPILE_RECOMPILE_LIMIT', 'TrainConfig', 'get_config',
-           'parse_setting', 'LossOutput', 'standard_loss', 'pgd_at_loss', 'fgsm_rs_loss', 'trades_loss', 'make_loss',
-           'kd_loss', 'kd_weight_at', 'ema_update', 'LRSchedule', 'load_checkpoint', 'load_weights', 'build_model',
-           'load_model', 'RunLock', 'run_dir_state', 'evaluate', 'Callback', 'CancelFit', 'Trainer', 'ScheduleCB',
-           'TrainMetricsCB', 'DistillCB', 'EvalCB', 'shared_report', 'CASCB', 'write_metrics', 'load_metrics',
-           'CheckpointCB', 'FinalEvalCB', 'epoch_cost', 'require_tensorboard', 'TensorBoardCB', 'ProgressCB',
-           'FiguresCB', 'flip_labels', 'load_splits', 'check_bf16', 'make_trainer', 'train']
+__all__ = ['LOSSES_NAMES', 'PRESETS', 'LOSSES', 'FORMAT_VERSION', 'COMPILE_RECOMPILE_LIMIT', 'LossOutput', 'Callback',
+           'CancelFit', 'Trainer', 'TrainConfig', 'get_config', 'parse_setting', 'standard_loss', 'pgd_at_loss',
+           'fgsm_rs_loss', 'trades_loss', 'make_loss', 'kd_loss', 'kd_weight_at', 'ema_update', 'LRSchedule',
+           'load_checkpoint', 'load_weights', 'build_model', 'load_model', 'RunLock', 'run_dir_state', 'evaluate',
+           'ScheduleCB', 'TrainMetricsCB', 'DistillCB', 'EvalCB', 'shared_report', 'CASCB', 'write_metrics',
+           'load_metrics', 'CheckpointCB', 'FinalEvalCB', 'epoch_cost', 'require_tensorboard', 'TensorBoardCB',
+           'ProgressCB', 'FiguresCB', 'flip_labels', 'load_splits', 'check_bf16', 'make_trainer', 'train']
+
+# %% ../nbs/06_training.ipynb #10550017
+@dataclass
+class LossOutput:
+    "What a training loss returns."
+    loss: torch.Tensor # scalar to minimise
+    logits: torch.Tensor # logits of `x_train`
+    x_train: torch.Tensor # the input the model trained on (adversarial, or clean for standard training)
+    clean_logits: torch.Tensor | None = None # logits of the clean batch, when the loss computed them
+
+
+# %% ../nbs/06_training.ipynb #599f8548
+def _autocast(device, amp: str):
+    "Mixed precision on `device`: bf16, fp16, or off for 'none'."
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+class Callback:
+    "Base class of trainer callbacks: define any of the event methods; lower `order` runs first."
+    order = 0
+
+class CancelFit(Exception):
+    "Raise in a callback to end training after the current moment."
+
+class Trainer:
+    "A small callback-driven training loop (see the callbacks below for everything beyond the loop)."
+    def __init__(self, model, loss_fn, opt, dl, epochs, cbs=(), start_epoch=0, amp="none", scaler=None,
+                 attack_model=None, raw_model=None, channels_last=False):
+        self.model, self.loss_fn, self.opt, self.dl, self.n_epochs, self.start_epoch = model, loss_fn, opt, dl, epochs, start_epoch
+        self.cbs, self.amp, self.channels_last = list(cbs), amp, channels_last
+        self.raw = raw_model if raw_model is not None else model          # the plain module (saved, evaluated)
+        self.attack_model = attack_model if attack_model is not None else self.raw
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
+        self.history, self.row = [], {}
+
+    def callback(self, event):
+        for cb in sorted(self.cbs, key=lambda c: c.order):
+            if hasattr(cb, event): getattr(cb, event)(self)
+
+    def fit(self):
+        self.epochs = range(self.start_epoch, self.n_epochs)
+        try:
+            self.callback("before_fit")
+            for self.epoch in self.epochs:
+                self.model.train()
+                self.dl.set_epoch(self.epoch)
+                self.batches, self.row = self.dl, {"epoch": self.epoch + 1}
+                self.callback("before_epoch")
+                for self.iter, (self.x, self.y) in enumerate(self.batches): self.one_batch()
+                self.callback("after_epoch")
+        except CancelFit: pass
+        self.callback("after_fit")
+        return self
+
+    def one_batch(self):
+        if self.channels_last and self.x.dim() == 4: self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.callback("before_batch")
+        with _autocast(self.x.device, self.amp):
+            self.out = self.loss_fn(self.model, self.x, self.y, attack_model=self.attack_model)
+            self.loss = self.out.loss
+            self.callback("after_loss")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(self.loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.callback("after_step")
+        self.callback("after_batch")
 
 # %% ../nbs/06_training.ipynb #5ee5688c
 @dataclass
@@ -277,14 +344,6 @@ def parse_setting(key: str, # a `TrainConfig` field
     return t
 
 # %% ../nbs/06_training.ipynb #cadfd6ee
-@dataclass
-class LossOutput:
-    "What a training loss returns."
-    loss: torch.Tensor # scalar to minimise
-    logits: torch.Tensor # logits of `x_train`
-    x_train: torch.Tensor # the input the model trained on (adversarial, or clean for standard training)
-    clean_logits: torch.Tensor | None = None # logits of the clean batch, when the loss computed them
-
 def standard_loss(model: nn.Module, # the model being trained
                   x: torch.Tensor, y: torch.Tensor, # a clean batch
                   label_smoothing: float = 0.0, # smoothing of the targets
@@ -579,58 +638,6 @@ def evaluate(model: nn.Module, # the model (put in eval mode)
     if keep_adv: out["x_adv"] = torch.cat(advs) if advs else None
     return out
 
-def _autocast(device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-# %% ../nbs/06_training.ipynb #599f8548
-class Callback:
-    "Base class of trainer callbacks: define any of the event methods; lower `order` runs first."
-    order = 0
-
-class CancelFit(Exception):
-    "Raise in a callback to end training after the current moment."
-
-class Trainer:
-    "A small callback-driven training loop (see the callbacks below for everything beyond the loop)."
-    def __init__(self, model, loss_fn, opt, dl, epochs, cbs=(), start_epoch=0, amp="none", scaler=None,
-                 attack_model=None, raw_model=None, channels_last=False):
-        self.model, self.loss_fn, self.opt, self.dl, self.n_epochs, self.start_epoch = model, loss_fn, opt, dl, epochs, start_epoch
-        self.cbs, self.amp, self.channels_last = list(cbs), amp, channels_last
-        self.raw = raw_model if raw_model is not None else model          # the plain module (saved, evaluated)
-        self.attack_model = attack_model if attack_model is not None else self.raw
-        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
-        self.history, self.row = [], {}
-
-    def callback(self, event):
-        for cb in sorted(self.cbs, key=lambda c: c.order):
-            if hasattr(cb, event): getattr(cb, event)(self)
-
-    def fit(self):
-        self.epochs = range(self.start_epoch, self.n_epochs)
-        try:
-            self.callback("before_fit")
-            for self.epoch in self.epochs:
-                self.model.train(); self.dl.set_epoch(self.epoch); self.batches, self.row = self.dl, {"epoch": self.epoch + 1}
-                self.callback("before_epoch")
-                for self.iter, (self.x, self.y) in enumerate(self.batches): self.one_batch()
-                self.callback("after_epoch")
-        except CancelFit: pass
-        self.callback("after_fit")
-        return self
-
-    def one_batch(self):
-        if self.channels_last and self.x.dim() == 4: self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.callback("before_batch")
-        with _autocast(self.x.device, self.amp):
-            self.out = self.loss_fn(self.model, self.x, self.y, attack_model=self.attack_model)
-            self.loss = self.out.loss
-            self.callback("after_loss")
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(self.loss).backward()
-        self.scaler.step(self.opt); self.scaler.update()
-        self.callback("after_step")
-        self.callback("after_batch")
 
 # %% ../nbs/06_training.ipynb #84bba2e3
 class ScheduleCB(Callback):
