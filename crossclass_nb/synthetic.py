@@ -21,7 +21,8 @@ __all__ = ['NORMS', 'MODELS', 'sample', 'symmetric_weight_matrix', 'weight_matri
            'surrogate_loss', 'vertex_loss', 'expected_max', 'robust_objective', 'sampled_objective', 'optimal_weights',
            'eps0', 'eps1', 'adv_correct_prob', 'robust_accuracy', 'plot_robust_accuracy', 'symmetric_objective',
            'optimal_full_weights', 'pgd_linear', 'train_linear', 'effective_weights', 'linear_cas', 'expected_cas',
-           'sweep', 'plot_weights', 'plot_cas', 'plot_theory']
+           'sweep', 'plot_weights', 'plot_cas', 'plot_theory', 'add_nuisance', 'pairwise_robust_ce',
+           'robust_fit_history', 'plot_fit_history']
 
 # %% ../nbs/02_synthetic.ipynb #bc0401aa
 NORMS = ("linf", "l2")
@@ -357,7 +358,7 @@ def plot_robust_accuracy(eps=0.2, # the radius at which to compare
                          alpha=0.2, # label smoothing of the marked LS optimum
                          ax=None, # matplotlib axes to draw on (a new figure if None)
                         ):
-    "Robust accuracy and Theorem 2's pairwise probability against w2, at w1 = w1*(eps), with the optima marked."
+    "Robust accuracy and Theorem 2's pairwise probability against `w2`, at `w1 = w1*(eps)`, with the optima marked."
     if ax is None: _, ax = plt.subplots(figsize=(5, 3.6))
     w1 = max(optimal_weights(eps, mu, sigma, lam)[0], 1e-3)
     w2s = torch.linspace(0, 1.5 * w1, 151, dtype=torch.float64)
@@ -585,7 +586,7 @@ def sweep(eps, # 1-d grid of radii (one classifier each)
     "Train one linear classifier per radius and measure it: a dict of tensors `eps, W, w, robust_acc, cas`."
     if threads is None: return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)   # the tensors are tiny: extra threads only add synchronisation (25x slower seen on 2 busy cores)
+    torch.set_num_threads(threads)   # the tensors are tiny: extra threads only add synchronisation
     try: return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
     finally: torch.set_num_threads(before)
 
@@ -670,5 +671,77 @@ def plot_theory(mu=1.0, sigma=1.0, eps=0.2, alpha=0.2, lam=1.0):
     if eps < mu / 2: plot_robust_accuracy(eps, mu, sigma, lam, alpha, ax=axs[1])
     else: axs[1].text(0.5, 0.5, r"$\varepsilon \geq \mu/2$: every weight is 0", ha="center", transform=axs[1].transAxes)
     plot_cas(mu, sigma, lam, alpha, ax=axs[2], eps=eps)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/02_synthetic.ipynb #dfedbfda
+def add_nuisance(x: torch.Tensor, # (n, 2k) inputs of the model, e.g. from `sample`
+                 d: int, # how many nuisance coordinates to append
+                 noise: float = 0.5, # their standard deviation s
+                 seed: int = 0, # the draw is a pure function of the seed
+                ) -> torch.Tensor:
+    "`x` with `d` coordinates of label-independent noise `N(0, noise^2)` appended: shape (n, 2k + d)."
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+        raise InputError(f"d must be an integer >= 0, got {d!r}")
+    _check("noise", noise, lo=0)
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.cat([x, float(noise) * torch.randn(len(x), int(d), generator=g, dtype=torch.float64).to(x.dtype)], 1)
+
+# %% ../nbs/02_synthetic.ipynb #a4e2ea97
+def pairwise_robust_ce(W: torch.Tensor, # (k, d) linear classifier f(x) = x @ W.T
+                       x: torch.Tensor, # (n, d) inputs
+                       y: torch.Tensor, # (n,) labels
+                       eps: float, # l_inf radius
+                      ) -> torch.Tensor:
+    "Cross-entropy with each wrong logit raised by its own worst l_inf shift `eps * |W_j - W_y|_1`: shape (n,)."
+    cost = (W[None, :, :] - W[y][:, None, :]).abs().sum(-1)    # (n, k), zero for the true class
+    return F.cross_entropy(x.to(W.dtype) @ W.T + eps * cost, y, reduction="none")
+
+# %% ../nbs/02_synthetic.ipynb #a08aa269
+def _fit_metrics(W, x, y, x_test, y_test, eps):
+    "Robust (exact) and clean accuracies and CAS of the linear classifier W."
+    x_adv = pgd_linear(W, x_test, y_test, eps, seed=0)
+    with torch.no_grad():
+        return dict(train_robust=float((margin_loss(W, x, y, eps) < 0).double().mean()),
+                    test_robust=float((margin_loss(W, x_test, y_test, eps) < 0).double().mean()),
+                    test_clean=float((margin_loss(W, x_test, y_test, 0.0) < 0).double().mean()),
+                    cas_clean=float(linear_cas(W, x_test, y_test)), cas_adv=float(linear_cas(W, x_adv, y_test)))
+
+def robust_fit_history(x, y, # (n, d) training inputs and (n,) labels
+                       x_test, y_test, # test inputs and labels
+                       eps: float = 0.1, # l_inf radius of training and evaluation
+                       steps: int = 1000, # gradient steps
+                       lr: float = 0.1, # constant step size
+                       points: int = 16, # how many log-spaced steps to record
+                      ) -> dict:
+    "Adversarially train a linear classifier (`pairwise_robust_ce`, no penalty) from W = 0; metrics at log-spaced steps."
+    k = int(y.max()) + 1
+    record = set(np.unique(np.geomspace(1, steps, points).round().astype(int)).tolist())
+    W = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
+    history = []
+    for t in range(1, steps + 1):
+        grad, = torch.autograd.grad(pairwise_robust_ce(W, x, y, eps).mean(), W)
+        with torch.no_grad(): W -= lr * grad
+        if t in record: history.append(dict(step=t, **_fit_metrics(W.detach(), x, y, x_test, y_test, eps)))
+    return dict(eps=eps, W=W.detach(), **{key: np.array([h[key] for h in history]) for key in history[0]})
+
+# %% ../nbs/02_synthetic.ipynb #bfdb7d76
+def plot_fit_history(h: dict, # from `robust_fit_history`
+                     title: str = "", # figure title
+                    ):
+    "Robust accuracy (train and test) and CAS (clean and adversarial test examples) over training, the best step marked."
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    best = h["step"][h["test_robust"].argmax()]
+    ax1.plot(h["step"], h["train_robust"], "o-", ms=3, label="train, robust")
+    ax1.plot(h["step"], h["test_robust"], "o-", ms=3, label="test, robust")
+    ax1.plot(h["step"], h["test_clean"], "--", c="gray", label="test, clean")
+    ax1.set(xscale="log", xlabel="gradient step", ylabel="accuracy", title="accuracy")
+    ax2.plot(h["step"], h["cas_clean"], "o-", ms=3, c="C2", label=r"CAS of $x \odot W_i$, clean test")
+    ax2.plot(h["step"], h["cas_adv"], "s-", ms=3, c="C3", label=r"CAS of $x \odot W_i$, adversarial test")
+    ax2.set(xscale="log", xlabel="gradient step", ylabel="CAS (max 6)", title="cross-class attribution similarity")
+    for ax in (ax1, ax2):
+        ax.axvline(best, c="k", lw=0.8, ls=":", label=f"best test robust accuracy (step {best})")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -1,7 +1,9 @@
 """The docs site in a real browser: Chromium (Debian's) driven by Playwright, the site served on 127.0.0.1 by the test.
 
-One crawl starts at the landing page and follows the links between pages; the tests below check what it saw.
+One crawl starts at the landing page and follows the links between pages; the tests below check what it saw, including
+that every page shows the outputs its notebook computes (figures, tables, printed numbers).
 """
+import ast
 import functools
 import http.server
 import json
@@ -13,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urldefrag, urlparse
 
 import pytest
+from nbdev.config import get_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "_docs"
@@ -21,6 +24,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXPORTED_FUNCTION = "get_device"  # from crossclass_nb.core, so its show_doc section is always on the site
+MIN_FIGURES = {"07_robust_overfitting.ipynb": 6, "08_soft_labels.ipynb": 3, "05_attribution.ipynb": 2,
+               "04_attacks.ipynb": 2, "06_training.ipynb": 1, "01_data.ipynb": 1, "02_synthetic.ipynb": 5}
+MIN_SHOWN = 0.8  # of the code cells that print, draw or end in an expression, the share whose output is on the page
 
 if not Path(CHROMIUM).exists():
     why = f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)"
@@ -64,6 +70,11 @@ PAGE_FACTS = """() => ({
     katex: document.querySelectorAll('.katex').length,
     untypeset: [...document.querySelectorAll('.math')].filter(m => !m.querySelector('.katex')).map(m => m.innerText.slice(0, 60)),
     raw_dollars: document.body.innerText.includes('$$'),
+    cells: [...document.querySelectorAll('div.cell')].map(c => ({
+        code: (c.querySelector('.cell-code code') || {}).innerText || '',
+        outputs: c.querySelectorAll('.cell-output:not(.cell-output-stderr)').length,
+        figures: c.querySelectorAll('.cell-output img, .cell-output > svg, .cell-output figure svg').length,
+    })),
 })"""
 
 
@@ -166,3 +177,110 @@ def test_no_request_leaves_the_machine(crawl):
     outside = sorted({u for u in crawl["requests"] if urlparse(u).scheme not in ("data", "blob") and urlparse(u).hostname != "127.0.0.1"})
     assert not outside, f"requests to other hosts: {outside}"
     assert len(crawl["requests"]) > len(crawl["pages"]), "the request log is empty: the guard did not run"
+
+
+# What a code cell shows, read from the notebook's source
+DRAWS = {"subplots", "figure", "plot", "imshow", "matshow", "bar", "barh", "hist", "scatter", "errorbar", "fill_between",
+         "pcolormesh", "contour", "contourf", "heatmap", "stem", "step", "boxplot", "violinplot"}
+SHOWS = {"print", "display", "show_doc"}
+RETURNS_NONE = {"show", "close", "tight_layout", "savefig", "seed", "manual_seed", "set_num_threads", "sleep", "append",
+                "extend", "update", "sort", "mkdir", "unlink", "touch", "rmtree", "simplefilter", "filterwarnings",
+                "write_text", "write_bytes", "setattr"}
+HIDDEN = {"hide", "export", "exporti", "exports", "default_exp"}  # cells nbdev leaves off the page
+
+
+def callee(call: ast.Call) -> str:
+    "The name a call is made by: `print` for print(...), `plot` for ax.plot(...)."
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
+def top_level_calls(tree: ast.AST) -> list[str]:
+    "Names of the calls a cell makes when it runs (not those inside the functions and classes it defines)."
+    names, todo = [], list(ast.iter_child_nodes(tree))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)): continue
+        if isinstance(node, ast.Call): names.append(callee(node))
+        todo += list(ast.iter_child_nodes(node))
+    return names
+
+
+def cell_options(src: str) -> tuple[dict[str, str], str]:
+    "The cell's `#|` directives ({name: value}) and its code without them."
+    lines, opts = src.splitlines(), {}
+    while lines and (lines[0].startswith("#|") or not lines[0].strip()):
+        line = lines.pop(0)[2:].strip()
+        if line: opts[line.split(":")[0].split()[0]] = line.split(":", 1)[1].strip() if ":" in line else ""
+    return opts, "\n".join(lines)
+
+
+def shows_something(src: str, skip_flags: set[str]) -> bool:
+    """Will this code cell show something on the page? It must run in the build (not hidden, not `eval: false`, no test
+    flag such as `#| slow`), show its output, and print, display or draw, or end in an expression that is neither
+    silenced by `;` nor a call that returns None (a test such as `test_eq`, `plt.show()`, ...)."""
+    opts, code = cell_options(src)
+    if opts.keys() & (HIDDEN | skip_flags) or opts.get("eval") == "false" or "false" in (opts.get("output"), opts.get("include")):
+        return False
+    code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!")))
+    try: tree = ast.parse(code)
+    except SyntaxError: return False
+    calls = top_level_calls(tree)
+    if SHOWS & set(calls) or DRAWS & set(calls) or any(c.startswith("plot_") for c in calls): return True
+    last = tree.body[-1] if tree.body else None
+    if not isinstance(last, ast.Expr) or code.rstrip().endswith(";"): return False
+    value = last.value
+    return not (isinstance(value, ast.Call) and (callee(value) in RETURNS_NONE or callee(value).startswith("test_")))
+
+
+def test_shows_something_reads_cells_as_the_reader_does():
+    flags = {"slow", "cuda", "notest"}
+    for src in ["x", "x = 1\nx", "print(1)", "fig, ax = plt.subplots()\nax.plot([1, 2])", "plot_cas(r)",
+                "for i in range(2): print(i)", "d = {}\nd['a']", "show_doc(f)", "plt.plot([1]);"]:
+        assert shows_something(src, flags), src
+    for src in ["x = 1", "test_eq(1, 1)", "plt.show()", "#| hide\nx", "#| slow\nprint(1)", "#| export\nx",
+                "def f():\n    print(1)", "x;", "import torch", "#| eval: false\nx", "#| output: false\nx", ""]:
+        assert not shows_something(src, flags), src
+
+
+def normalised(code: str) -> str:
+    "Code as text to match a notebook cell with its rendering: no directives, no trailing blanks."
+    return "\n".join(line.rstrip() for line in cell_options(code)[1].strip().splitlines())
+
+
+@pytest.fixture(scope="module")
+def outputs(crawl):
+    """For each notebook with a page: (cells that show something, how many of them show an output on the page, the
+    figures on the page). Also written to artifacts/outputs.json."""
+    skip_flags, found = set(get_config().tst_flags.split()), {}
+    for nb, title in notebook_titles().items():
+        facts = crawl["pages"].get(crawl["sidebar"].get(title), {})
+        rendered = {}
+        for c in facts.get("cells", []): rendered.setdefault(normalised(c["code"]), []).append(c["outputs"] > 0)
+        cells = json.loads((ROOT / "nbs" / nb).read_text(encoding="utf-8"))["cells"]
+        showing = [normalised("".join(c["source"])) for c in cells
+                   if c["cell_type"] == "code" and shows_something("".join(c["source"]), skip_flags)]
+        shown = sum(bool(rendered.get(code)) and rendered[code].pop(0) for code in showing)
+        found[nb] = {"showing": len(showing), "shown": shown,
+                     "figures": sum(c["figures"] for c in facts.get("cells", []))}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "outputs.json").write_text(json.dumps(found, indent=1))
+    return found
+
+
+def table(found: dict) -> str:
+    return "\n".join(f"  {nb:<30} figures {v['figures']:>3}   outputs shown {v['shown']:>3} / {v['showing']}"
+                      for nb, v in found.items())
+
+
+def test_chapters_have_their_figures(outputs):
+    few = {nb: (outputs.get(nb, {}).get("figures", 0), n) for nb, n in MIN_FIGURES.items()
+           if outputs.get(nb, {}).get("figures", 0) < n}
+    assert not few, f"pages with fewer figures than they need (have, need): {few}\n{table(outputs)}"
+
+
+def test_every_page_shows_its_outputs(outputs):
+    bare = {nb: f"{v['shown']} / {v['showing']}" for nb, v in outputs.items()
+            if v["showing"] and v["shown"] < MIN_SHOWN * v["showing"]}
+    assert not bare, (f"pages where fewer than {MIN_SHOWN:.0%} of the cells that print, draw or end in an expression "
+                      f"show an output: {bare}\n{table(outputs)}")

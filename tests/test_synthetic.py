@@ -10,10 +10,10 @@ from scipy.optimize import minimize
 
 from crossclass_nb.core import InputError
 from crossclass_nb.synthetic import (
-    NORMS, adv_correct_prob, block_weights, effective_weights, eps0, eps1, expected_cas, expected_max, linear_cas,
-    margin_loss, optimal_full_weights, optimal_weights, pgd_linear, plot_theory, robust_accuracy, robust_objective,
-    sample, sampled_objective, surrogate_loss, sweep, symmetric_objective, symmetric_weight_matrix, train_linear,
-    vertex_loss, weight_matrix)
+    NORMS, add_nuisance, adv_correct_prob, block_weights, effective_weights, eps0, eps1, expected_cas, expected_max,
+    linear_cas, margin_loss, optimal_full_weights, optimal_weights, pairwise_robust_ce, pgd_linear, plot_fit_history,
+    plot_theory, robust_accuracy, robust_fit_history, robust_objective, sample, sampled_objective, surrogate_loss, sweep,
+    symmetric_objective, symmetric_weight_matrix, train_linear, vertex_loss, weight_matrix)
 
 
 @pytest.fixture(autouse=True)
@@ -303,3 +303,59 @@ def test_playground_figure():
     assert len(fig.axes) == 3
     fig2 = plot_theory(eps=0.6)                                             # past mu/2: a message instead of a curve
     assert len(fig2.axes) == 3
+
+
+# The model in high dimension: nuisance coordinates, no penalty, robust overfitting
+
+def test_add_nuisance_appends_label_free_noise():
+    x, y = sample(3000, seed=0, dtype=torch.float64)
+    xn = add_nuisance(x, 40, noise=0.5, seed=1)
+    assert xn.shape == (3000, 46) and torch.equal(xn[:, :6], x) and torch.equal(add_nuisance(x, 40, 0.5, seed=1), xn)
+    assert not torch.equal(add_nuisance(x, 40, 0.5, seed=2), xn)
+    assert float(xn[:, 6:].std()) == pytest.approx(0.5, rel=0.02)
+    class_means = torch.stack([xn[y == c, 6:].mean(0) for c in range(3)])       # independent of the label
+    assert float(class_means.abs().max()) < 4 * 0.5 / math.sqrt(1000)
+    assert add_nuisance(x, 0).shape == x.shape and add_nuisance(x.float(), 2).dtype == torch.float32
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InputError, match="d must be an integer >= 0"): add_nuisance(x, bad)
+    with pytest.raises(InputError, match="noise must be"): add_nuisance(x, 3, noise=-0.1)
+
+
+def test_pairwise_robust_ce_is_exact_for_two_classes_and_an_upper_bound_for_three():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    for k in (2, 3, 4):
+        W, y = torch.randn(k, 6, generator=g, dtype=torch.float64), torch.arange(64) % k
+        exact = vertex_loss(W, x, y, 0.25, loss="ce")
+        bound = pairwise_robust_ce(W, x, y, 0.25)
+        if k == 2: assert torch.allclose(bound, exact, atol=1e-10)
+        else: assert bool((bound >= exact - 1e-12).all()) and float((bound - exact).max()) > 1e-3
+    W = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    assert torch.allclose(pairwise_robust_ce(W, x, torch.arange(64) % 3, 0.0),
+                          surrogate_loss(x @ W.T, torch.arange(64) % 3, loss="ce"))
+
+
+def test_robust_fit_history_overfits_with_nuisance_and_not_without():
+    x, y = sample(60, seed=20, dtype=torch.float64)
+    xt, yt = sample(1500, seed=21, dtype=torch.float64)
+    high = robust_fit_history(add_nuisance(x, 80, seed=22), y, add_nuisance(xt, 80, seed=23), yt, steps=600, points=10)
+    low = robust_fit_history(x, y, xt, yt, steps=600, points=10)
+    assert list(high["step"]) == sorted(set(high["step"])) and high["step"][-1] == 600 and len(high["step"]) <= 10
+    assert high["W"].shape == (3, 86)
+    b = high["test_robust"].argmax()
+    assert high["test_robust"][b] - high["test_robust"][-1] > 0.05                # robust overfitting ...
+    assert high["train_robust"][-1] - high["test_robust"][-1] > 0.15              # ... while the training set is fitted
+    assert low["test_robust"].max() - low["test_robust"][-1] < 0.02               # none without nuisance coordinates
+    W, xn = high["W"], add_nuisance(xt, 80, seed=23)                              # the memorised weight is on coordinates
+    A = torch.stack([xn[yt == c].mean(0) for c in range(3)]) * W                  # that class means do not see
+    assert float(W[:, 6:].abs().sum() / W.abs().sum()) > 0.3 and float(A[:, 6:].norm() / A.norm()) < 0.1
+    again = robust_fit_history(x, y, xt, yt, steps=600, points=10)
+    assert np.array_equal(again["test_robust"], low["test_robust"]) and np.array_equal(again["cas_adv"], low["cas_adv"])
+
+
+def test_plot_fit_history():
+    import matplotlib
+    matplotlib.use("Agg")
+    x, y = sample(30, seed=0, dtype=torch.float64)
+    fig = plot_fit_history(robust_fit_history(x, y, x, y, steps=20, points=4), "t")
+    assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log"
