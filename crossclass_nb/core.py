@@ -19,7 +19,7 @@ import torch
 # %% auto #0
 __all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'get_device', 'set_seed',
            'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save', 'atomic_write_text', 'safe_load',
-           'parse_number', 'check_images', 'images_checked']
+           'parse_number', 'check_images', 'images_checked', 'images_are_checked']
 
 # %% ../nbs/00_core.ipynb #e6f561e8
 class CrossclassError(Exception):
@@ -70,7 +70,8 @@ def get_device(device: str | torch.device | None = None, # explicit choice, e.g.
         raise InputError(f"device {str(choice)!r} asked for but CUDA is not available here: use device='cpu'")
     if dev.type == "mps" and not _mps_available():
         raise InputError(f"device {str(choice)!r} asked for but MPS is not available here: use device='cpu'")
-    return torch.device("cuda", _cuda_index(dev, env, count)) if dev.type == "cuda" else dev
+    if dev.type != "cuda" or (isinstance(device, torch.device) and dev.index is not None and dev.index < count): return dev
+    return torch.device("cuda", _cuda_index(dev, env, count))
 
 # %% ../nbs/00_core.ipynb #47ab14b6
 def set_seed(seed: int, # the seed for python, numpy and torch (all devices)
@@ -210,3 +211,7 @@ def images_checked():
     token = _IMAGES_CHECKED.set(True)
     try: yield
     finally: _IMAGES_CHECKED.reset(token)
+
+def images_are_checked() -> bool:
+    "True inside `images_checked()`: per-batch checks that wait for the device may be skipped."
+    return _IMAGES_CHECKED.get()

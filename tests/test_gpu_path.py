@@ -22,6 +22,13 @@ def test_device_resolution(choice, env, expected):
     assert get_device(choice, env, cuda_count=4) == torch.device("cuda", expected)
 
 
+def test_resolving_a_resolved_device_changes_nothing():
+    "The trainer resolves its device once and hands the torch.device on (e.g. to the data loader): no second shift."
+    for choice in ("cuda", "cuda:0", "cuda:2", None):
+        once = get_device(choice, TORCHRUN, cuda_count=4)
+        assert get_device(once, TORCHRUN, cuda_count=4) == once
+
+
 def test_device_resolution_refuses_what_cannot_be():
     with pytest.raises(InputError, match="--nproc_per_node"): get_device("cuda:3", TORCHRUN, cuda_count=4)
     with pytest.raises(InputError, match="CUDA is not available"): get_device("cuda", {}, cuda_count=0)
