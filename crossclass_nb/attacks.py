@@ -76,7 +76,7 @@ def _check_budget(eps, alpha, steps, norm: str, restarts: int = 1, x: torch.Tens
     if alpha <= 0: raise InputError(f"alpha (the step size) must be > 0, got {alpha}: a common choice is eps/4")
     return eps, alpha, int(steps), norm
 
-# %% ../nbs/04_attacks.ipynb #0d3d3ac0
+# %% ../nbs/04_attacks.ipynb #0cb658d7
 def _check_labels(y, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
         raise InputError(f"y must be a 1-d integer tensor of class indices, got {getattr(y, 'dtype', type(y).__name__)} "
@@ -96,7 +96,7 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     if isinstance(head, nn.Linear): return head.out_features
     with attack_mode(model), torch.no_grad(): return model(x[:1].to(next(model.parameters()).device)).shape[1]
 
-# %% ../nbs/04_attacks.ipynb #ef5736b9
+# %% ../nbs/04_attacks.ipynb #9ad15aef
 _TRUSTED = contextvars.ContextVar("trusted_inputs", default=False)
 
 @contextmanager
@@ -143,7 +143,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     r = torch.rand((len(x),) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
     return (x + eps * r * d / _norms(d).clamp_min(1e-12)).clamp(0, 1)
 
-# %% ../nbs/04_attacks.ipynb #b789da0d
+# %% ../nbs/04_attacks.ipynb #3bf75ad3
 def _fp16_scaled(g_logits: torch.Tensor, per_example: bool) -> torch.Tensor:
     "`g_logits` times a power of two that brings its largest entry (per example, or in the batch) into (2**7, 2**8]."
     peak = g_logits.abs().amax(dim=1 if per_example else (0, 1), keepdim=True)
@@ -217,7 +217,7 @@ def pgd(model: nn.Module, # classifier taking images in [0, 1]
             best = _stronger(model, x_adv, y, targeted, best)
     return best[0]
 
-# %% ../nbs/04_attacks.ipynb #fa60a0ae
+# %% ../nbs/04_attacks.ipynb #37af16a2
 class OpCounter(TorchDispatchMode):
     "Count the ATen operators dispatched inside `with OpCounter() as ops:` (`ops.counts`) and their FLOPs (`ops.flops`)."
     def __init__(self):
