@@ -133,7 +133,7 @@ def _attributions_from_sums(s: ClassSums, weight: torch.Tensor) -> torch.Tensor:
     means = s.sums / s.counts[:, None].to(s.sums.dtype)
     return (means * weight.detach().to(s.sums.dtype)).float().cpu()
 
-def class_attributions(model: nn.Module, # a classifier with `features` (g) and a linear `head` (W), or any as_classifier reads
+def class_attributions(model: nn.Module, # a classifier with `features` (g) and a linear `head` (W), or any network
                        x, # images N x ... in [0, 1] (with `y`), a dataset with .x/.y, or an iterable of (x, y) batches
                        y: torch.Tensor | None = None, # labels (N,) when `x` is a tensor
                        attack=None, # None (clean data) or a callable attack(model, x, y) -> x_adv
@@ -257,7 +257,7 @@ def attribution_report(model: nn.Module, # a classifier with `features` and a li
     s = class_sums(model, data, None, attack, K, batch_size)
     return report_from_sums(s, model, classes, attack, batch_size)
 
-# %% ../nbs/05_attribution.ipynb #da5e98cd
+# %% ../nbs/05_attribution.ipynb #58dd5169
 def write_cas_record(out_dir: str | Path, # the run directory
                      epoch: int, # the epoch (1-based) the result belongs to
                      result: AttributionResult, # the report of that epoch
@@ -338,7 +338,7 @@ def plot_cas_curve(epochs: Sequence[int], # the epochs at which CAS was measured
     ax.set_xlabel("epoch"); ax.set_ylabel("CAS"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/05_attribution.ipynb #7e009cb0
+# %% ../nbs/05_attribution.ipynb #58143480
 def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
                       classes: Sequence[str] | None = None, # class names, one per panel
                       top: int = 12, # how many features to show: those with the largest total |A| over the classes
@@ -347,7 +347,8 @@ def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
                      ):
     "One bar chart per class of its attribution A_i over the same `top` features (blue positive, red negative)."
     import matplotlib.pyplot as plt
-    if not isinstance(A, torch.Tensor) or A.dim() != 2: raise InputError("A must be a K x n tensor of class attributions")
+    if not isinstance(A, torch.Tensor) or A.dim() != 2:
+        raise InputError("A must be a K x n tensor of class attributions")
     A = A.detach().float().cpu()
     names = list(classes) if classes is not None else [str(i) for i in range(len(A))]
     if len(names) != len(A): raise InputError(f"{len(names)} class names for {len(A)} classes")
@@ -364,7 +365,7 @@ def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_attribution.ipynb #25128e56
+# %% ../nbs/05_attribution.ipynb #e991757d
 def _read_rows(path: Path) -> list[dict]:
     "The rows of a metrics.jsonl file (none if it does not exist)."
     if not path.is_file(): return []
@@ -372,16 +373,18 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _best_epoch(rows: list[dict], metric: str) -> int | None:
     "The first epoch with the highest finite value of `metric`, or None."
-    scored = [(r[metric], -r["epoch"]) for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    scored = [(r[metric], -r["epoch"]) for r in rows
+              if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     return -max(scored)[1] if scored else None
 
 def _check_tracker_dir(out_dir: Path) -> None:
     "Refuse a directory that holds a training run of the trainer."
     cfg = out_dir / "config.json"
     if cfg.is_file() and set(json.loads(cfg.read_text())) != {"name", "epochs"}:
-        raise RunDirError(f"{out_dir} holds a training run (its config.json is the trainer's): give the tracker its own directory")
+        raise RunDirError(f"{out_dir} holds a training run (its config.json is the trainer's): "
+                          "give the tracker its own directory")
 
-# %% ../nbs/05_attribution.ipynb #418a9596
+# %% ../nbs/05_attribution.ipynb #a5597fba
 class CASTracker:
     "Attribution report of `model` on `data` every `every` epochs, written as a training run writes it."
     def __init__(self,
@@ -399,14 +402,15 @@ class CASTracker:
                 ):
         if not isinstance(every, int) or every < 1: raise InputError(f"every must be a positive integer, got {every!r}")
         self.model, self.data, self.attack, self.out_dir = model, data, attack, Path(out_dir)
-        self.every, self.epochs, self.split, self.batch_size, self.select, self.seed = every, epochs, split, batch_size, select, seed
+        self.every, self.epochs, self.split, self.batch_size = every, epochs, split, batch_size
+        self.select, self.seed = select, seed
         self.classes = classes if classes is not None else getattr(data, "classes", None)
         _check_tracker_dir(self.out_dir)
         self.rows = _read_rows(self.out_dir / "metrics.jsonl")
 
     def due(self, epoch: int) -> bool: return epoch % self.every == 0 or epoch == self.epochs
 
-# %% ../nbs/05_attribution.ipynb #0c6c464e
+# %% ../nbs/05_attribution.ipynb #b17543d1
 def _measure(self) -> AttributionResult:
     "The report of the model now, under the tracker's seed; the caller's random state is left as it was."
     devices = [d for d in {_model_device(self.model)} if d.type == "cuda"]
@@ -429,7 +433,8 @@ def _record_epoch(self, epoch: int, **metrics) -> AttributionResult | None:
     row["best_epoch"] = _best_epoch(self.rows, self.select)
     self.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
-    atomic_write_text(self.out_dir / "config.json", json.dumps({"name": "cas_tracker", "epochs": self.epochs or epoch}) + "\n")
+    config = {"name": "cas_tracker", "epochs": self.epochs or epoch}
+    atomic_write_text(self.out_dir / "config.json", json.dumps(config) + "\n")
     return result
 
 CASTracker.measure, CASTracker.__call__ = _measure, _record_epoch

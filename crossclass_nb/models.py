@@ -92,7 +92,7 @@ class Classifier(nn.Module):
         "Logits `head(features(x))`."
         return self.head(self.features(x))
 
-# %% ../nbs/03_models.ipynb #cc93a0be
+# %% ../nbs/03_models.ipynb #05d19c21
 def _pool_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     "size x n matrix whose row i averages window i of adaptive average pooling from n to size."
     i, j = torch.arange(size, device=like.device), torch.arange(n, device=like.device)
@@ -238,7 +238,7 @@ _BODIES = {"preact_resnet18": preact_resnet18_body, "resnet18": resnet18_body,
            "wrn34_10": wrn_body, "small_cnn": small_cnn_body, "mlp": mlp_body}
 MODEL_NAMES = tuple(_BODIES)
 
-# %% ../nbs/03_models.ipynb #cb91aa07
+# %% ../nbs/03_models.ipynb #8c2f2bfc
 ZOO_SOURCES = ("torchvision", "timm")
 
 def _timm():
@@ -255,7 +255,7 @@ def _zoo_names(source: str) -> list[str]:
     import torchvision
     return torchvision.models.list_models(module=torchvision.models)
 
-# %% ../nbs/03_models.ipynb #7dfdb4a2
+# %% ../nbs/03_models.ipynb #45f58ad4
 def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
                     ) -> str:
     "Return `name` if `get_model` can build it; otherwise raise an `InputError` that names the choices."
@@ -271,7 +271,7 @@ def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "tim
         raise InputError(f"{source} has no classification model {arch!r}{hint}: see {source}'s list of models")
     return name
 
-# %% ../nbs/03_models.ipynb #a5fde2fb
+# %% ../nbs/03_models.ipynb #f51b0c04
 def _adapt_stem(net: nn.Module, in_channels: int) -> None:
     "Rebuild the first convolution of `net` for `in_channels` input channels if it expects another number."
     name, conv = next(((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
@@ -316,7 +316,7 @@ def get_model(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
     body, n = make(in_channels=in_channels, **kw)
     return Classifier(body, n, num_classes, in_channels, mean, std)
 
-# %% ../nbs/03_models.ipynb #8c01db6b
+# %% ../nbs/03_models.ipynb #834f3a9e
 class SplitClassifier(nn.Module):
     "A network whose logits come out of its final `nn.Linear`, read as `head(features(x))`; `forward` is its own."
     def __init__(self,
@@ -341,7 +341,7 @@ class SplitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.model(x)
 
-# %% ../nbs/03_models.ipynb #748c3769
+# %% ../nbs/03_models.ipynb #9eab848a
 def _first_attribute(model: nn.Module, name: str):
     "The attribute `name` of the first submodule that has one (e.g. a wrapped network's image size)."
     return next((getattr(m, name) for m in model.modules() if getattr(m, name, None) is not None), None)
@@ -350,16 +350,17 @@ def _probe_input(model: nn.Module) -> torch.Tensor:
     "Two random inputs in [0, 1] of the shape the network expects, read from its first layer and its config."
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     if isinstance(first, nn.Conv2d):
-        size = _first_attribute(model, "image_size") or ((_first_attribute(model, "pretrained_cfg") or {}).get("input_size")
-                                                         or (32,))[-1]   # torchvision ViT, timm; others take 32 x 32
+        timm_size = (_first_attribute(model, "pretrained_cfg") or {}).get("input_size", (32,))[-1]   # timm models
+        size = _first_attribute(model, "image_size") or timm_size       # torchvision's ViT; others take 32 x 32
         shape = (first.in_channels, size, size)
     elif isinstance(first, nn.Linear) and not isinstance(first, nn.LazyLinear): shape = (first.in_features,)
     else: raise InputError(f"cannot tell what input {type(model).__name__} takes, to find its head: "
                            "pass example=a batch of inputs, e.g. as_classifier(model, example=x[:2])")
     p = next(model.parameters())
-    return torch.rand(2, *shape, device=p.device, dtype=p.dtype)
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))   # the global random state is left alone
+    return x.to(p.device, p.dtype)
 
-# %% ../nbs/03_models.ipynb #94996f93
+# %% ../nbs/03_models.ipynb #898ab934
 def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
     "The network's output on `x` (eval mode, no gradient) and the output of each of its nn.Linear layers by name."
     outs = {}
@@ -376,14 +377,14 @@ def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
 def _is_output(t: torch.Tensor, out) -> bool:
     return isinstance(out, torch.Tensor) and t.shape == out.shape and torch.equal(t, out)
 
-# %% ../nbs/03_models.ipynb #6e65ef6e
+# %% ../nbs/03_models.ipynb #e660962d
 def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None) -> str:
     "The dotted name of the nn.Linear whose output is the network's output, checked on a forward pass."
     what = type(model).__name__
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]  # layers inside it
     if not linears: raise InputError(f"{what} has no nn.Linear layer inside it, so no head (head=) whose input is g(x)")
     if head is not None and head not in linears:
-        raise InputError(f"head={head!r} is not an nn.Linear of {what}: its Linear layers are {', '.join(linears) or 'none'}")
+        raise InputError(f"head={head!r} is not an nn.Linear of {what}: its Linear layers are {', '.join(linears)}")
     out, outs = _linear_outputs(model, _probe_input(model) if example is None else example)
     if not isinstance(out, torch.Tensor):
         parts = out if isinstance(out, (tuple, list)) else ()
@@ -396,48 +397,52 @@ def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None)
                          f"(its Linear layers: {', '.join(linears) or 'none'}): the logits must come straight out of "
                          "the head, so remove any softmax or layer after it, then pass head=NAME of that layer")
     if head is None and len(found) > 1:
-        raise InputError(f"several nn.Linear layers give the output of {what}: {', '.join(found)}; choose one with head=NAME")
+        raise InputError(f"several nn.Linear layers give the output of {what}: {', '.join(found)}; "
+                         "choose one with head=NAME")
     return head or found[0]
 
-# %% ../nbs/03_models.ipynb #82a9b08a
+# %% ../nbs/03_models.ipynb #4ec4d790
 def as_classifier(model: nn.Module, # a classifier whose logits come out of a final nn.Linear
                   head: str | None = None, # dotted name of that layer ("fc", "classifier.6"); None: find it
                   example: torch.Tensor | None = None, # a batch of inputs for the check; None: guessed from the network
                  ) -> nn.Module:
     "`model` with `features` (the head's input, g) and `head` (its final nn.Linear); `model(x)` is unchanged."
-    if not isinstance(model, nn.Module): raise InputError(f"as_classifier needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"as_classifier needs an nn.Module, got {type(model).__name__}")
     if isinstance(model, (Classifier, SplitClassifier)) and head is None: return model
     return SplitClassifier(model, _find_head(model, head, example)).train(model.training)  # the network's mode
 
-# %% ../nbs/03_models.ipynb #a30b7a61
+# %% ../nbs/03_models.ipynb #3c4740c8
 def _user_network(spec: str, num_classes: int, **kw) -> nn.Module:
     "Call `package.module:callable` (the user's own code, imported on purpose) to build the network."
     module_name, _, attr = spec.partition(":")
     try: module = importlib.import_module(module_name)
-    except ImportError as e: raise InputError(f"cannot import {module_name!r} for {spec} ({e}): check the name and sys.path") from None
+    except ImportError as e:
+        raise InputError(f"cannot import {module_name!r} for {spec} ({e}): check the name and sys.path") from None
     make = getattr(module, attr, None)
     if not callable(make): raise InputError(f"{module_name} has no callable {attr!r}: write package.module:callable")
     try: takes_classes = "num_classes" in inspect.signature(make).parameters
     except (TypeError, ValueError): takes_classes = False                 # a builtin without a readable signature
     net = make(num_classes=num_classes, **kw) if takes_classes else make(**kw)
     if not isinstance(net, nn.Module):
-        raise InputError(f"{spec} returned a {type(net).__name__}, not an nn.Module: it must build and return the network")
+        raise InputError(f"{spec} returned a {type(net).__name__}, not an nn.Module: it must return the network")
     return net
 
 def _load_weights(net: nn.Module, path, spec: str) -> None:
     "Load a state dict file (weights only) into `net`, strictly."
     try: state = safe_load(path)
-    except CheckpointError as e: raise CheckpointError(f"{e}; weights must be a state dict: torch.save(model.state_dict(), path)") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; weights must be a state dict: torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict): state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors: save it with torch.save(model.state_dict(), path)")
+        raise CheckpointError(f"{path} is not a state dict of tensors: save one with torch.save(net.state_dict(), path)")
     try: net.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
         raise CheckpointError(f"the weights in {path} do not fit {spec}: {detail} (check the architecture, its options "
                               "and the number of classes)") from None
 
-# %% ../nbs/03_models.ipynb #8deb3501
+# %% ../nbs/03_models.ipynb #8b5aae4c
 def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:callable"
               num_classes: int, # K, the number of classes
               weights=None, # a state dict file of the network (loaded with weights_only=True); None: as initialised
@@ -456,7 +461,7 @@ def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:ca
         raise InputError(f"{spec} has {model.head.out_features} outputs but the data have {num_classes} classes")
     return model.eval()
 
-# %% ../nbs/03_models.ipynb #1be3b9cd
+# %% ../nbs/03_models.ipynb #70aa78ab
 def _robustbench():
     "robustbench's loader, its model registry and its enums, or a `MissingExtraError` that names the extra."
     from crossclass_nb.attacks import MissingExtraError
@@ -468,21 +473,23 @@ def _robustbench():
         from robustbench import model_zoo, utils
         from robustbench.model_zoo import enums
     except ImportError as e:
-        raise MissingExtraError(f'RobustBench models need robustbench, an optional extra: pip install -e ".[zoo]" ({e})') from None
+        raise MissingExtraError('RobustBench models need robustbench, an optional extra: pip install -e ".[zoo]" '
+                                f'({e})') from None
     return utils.load_model, model_zoo.model_dicts, enums
 
 def _robustbench_entry(name: str, dataset: str, threat_model: str):
     "Check that RobustBench lists `name`; return its loader."
     load, registry, enums = _robustbench()
     try: models = registry[enums.BenchmarkDataset(dataset)][enums.ThreatModel(threat_model)]
-    except (ValueError, KeyError) as e: raise InputError(f"RobustBench has no {dataset}/{threat_model} models ({e})") from None
+    except (ValueError, KeyError) as e:
+        raise InputError(f"RobustBench has no {dataset}/{threat_model} models ({e})") from None
     if name not in models:
         close = difflib.get_close_matches(name, list(models), n=5)
         raise InputError(f"RobustBench lists no {dataset}/{threat_model} model {name!r}"
                          f"{'; close names: ' + ', '.join(close) if close else ''}: see the RobustBench leaderboard")
     return load
 
-# %% ../nbs/03_models.ipynb #08619157
+# %% ../nbs/03_models.ipynb #9748d445
 def load_robustbench(name: str, # a model of the RobustBench zoo, e.g. "Wong2020Fast"
                      dataset: str = "cifar10", # "cifar10", "cifar100" or "imagenet"
                      threat_model: str = "Linf", # "Linf", "L2" or "corruptions"
@@ -494,7 +501,8 @@ def load_robustbench(name: str, # a model of the RobustBench zoo, e.g. "Wong2020
     had_file = path.is_file()
     try: net = load(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
     except Exception as e:
-        if had_file: raise CheckpointError(f"RobustBench could not load {path} ({type(e).__name__}: {str(e)[:200]})") from None
+        if had_file:
+            raise CheckpointError(f"RobustBench could not load {path} ({type(e).__name__}: {str(e)[:200]})") from None
         path.unlink(missing_ok=True)                                   # no half-downloaded file stays behind
         raise InputError(f"{name} is not at {path} and could not be downloaded ({type(e).__name__}): "
                          f"download it where there is internet, or place the file at {path}") from None

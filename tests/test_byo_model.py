@@ -139,3 +139,11 @@ def test_load_arch_user_callable(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     m = load_arch("my_nets:mlp", 5, hidden=6)
     assert m.head.out_features == 5 and m.head.in_features == 6 and not m.training
+
+
+def test_as_classifier_leaves_the_random_state_and_mode_alone():
+    net = torchvision.models.resnet18(num_classes=3).train()
+    state = torch.get_rng_state()
+    m = as_classifier(net)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert m.training and net.training and net.bn1.num_batches_tracked.item() == 0   # the check ran in eval mode
