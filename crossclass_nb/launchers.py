@@ -215,7 +215,7 @@ def _run_processes(order: list[Job], workers: int, on_done: Callable, on_progres
     _drain(progress, on_progress)
     return results
 
-# %% ../nbs/11_launchers.ipynb #4a9544b1
+# %% ../nbs/11_launchers.ipynb #fcbc875e
 def _submitit():
     "The submitit module, or a one-line error naming the extra that installs it."
     try: import submitit
@@ -224,7 +224,7 @@ def _submitit():
                                 'pip install -e ".[cluster]" (or pip install submitit)') from None
     return submitit
 
-# %% ../nbs/11_launchers.ipynb #63bcb76d
+# %% ../nbs/11_launchers.ipynb #77532282
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # minutes a local submitit job may run
 
 def _run_local(order: list[Job], workers: int, log_dir: Path, on_done: Callable) -> dict:
@@ -237,7 +237,7 @@ def _run_local(order: list[Job], workers: int, log_dir: Path, on_done: Callable)
         return executor.submit(TimedCall(job.fn, job.args, _threads(workers)))
     return schedule(order, start, on_done, workers)
 
-# %% ../nbs/11_launchers.ipynb #77532282
+# %% ../nbs/11_launchers.ipynb #2858e4be
 def _slurm_gpus(job: Job, slurm: dict) -> int:
     "The GPUs of `job`'s SLURM job: its own `gpus`, else the study's `gpus_per_run`."
     return job.gpus or int(slurm.get("gpus_per_run", 0))
@@ -252,7 +252,7 @@ def _slurm_parameters(job: Job, slurm: dict, dependencies: list[str]) -> dict:
         params["additional_parameters"] = {**slurm.get("additional_parameters", {}), "kill-on-invalid-dep": "yes"}
     return params
 
-# %% ../nbs/11_launchers.ipynb #8c59fe2a
+# %% ../nbs/11_launchers.ipynb #d3b342d5
 def _slurm_module():
     "submitit, once it is clear that this machine can submit SLURM jobs."
     submitit = _submitit()
@@ -260,7 +260,7 @@ def _slurm_module():
         raise InputError("no SLURM here (srun not found): launch from the cluster's login node, or use launcher='local'")
     return submitit
 
-# %% ../nbs/11_launchers.ipynb #c9ed5da3
+# %% ../nbs/11_launchers.ipynb #15d6e0c6
 def slurm_executor(job: Job, # the job to submit
                    log_dir: str | Path, # a directory every node can read (the job's logs go to `log_dir/NAME/`)
                    slurm: dict, # partition, time (minutes), gpus_per_run, and any other `SlurmExecutor` parameter
@@ -273,7 +273,7 @@ def slurm_executor(job: Job, # the job to submit
         raise InputError(f"{str(e).splitlines()[0]} in the slurm settings: use submitit's SlurmExecutor parameters") from None
     return executor
 
-# %% ../nbs/11_launchers.ipynb #2858e4be
+# %% ../nbs/11_launchers.ipynb #42664c92
 def torchrun_command(call_file: str | Path, # a pickled (fn, args)
                      gpus: int, # processes, one per GPU
                     ) -> list[str]:
@@ -287,7 +287,7 @@ def run_pickled(call_file: str | Path) -> None:
     fn, args = pickle.loads(Path(call_file).read_bytes())
     fn(*args)
 
-# %% ../nbs/11_launchers.ipynb #d3b342d5
+# %% ../nbs/11_launchers.ipynb #5b0e2b83
 def run_torchrun(fn: Callable, # a top-level function, run in every process
                  args: tuple, # its arguments
                  gpus: int, # processes, one per GPU
@@ -300,7 +300,7 @@ def run_torchrun(fn: Callable, # a top-level function, run in every process
     if status != 0:
         raise JobError(f"torchrun with {gpus} processes exited with status {status}: the processes' errors are in this job's log")
 
-# %% ../nbs/11_launchers.ipynb #5b0e2b83
+# %% ../nbs/11_launchers.ipynb #6e3c1ca2
 SLURM_POLL_S = 20  # seconds between two looks at the cluster's queue
 
 def _run_slurm(order: list[Job], log_dir: Path, slurm: dict, on_done: Callable) -> dict:
@@ -314,7 +314,7 @@ def _run_slurm(order: list[Job], log_dir: Path, slurm: dict, on_done: Callable) 
         return submitted[job.name]
     return schedule(order, start, on_done, poll=lambda: time.sleep(SLURM_POLL_S), eager=True)
 
-# %% ../nbs/11_launchers.ipynb #3a616fd5
+# %% ../nbs/11_launchers.ipynb #73e23434
 LAUNCHERS = ("inline", "processes", "local", "slurm")
 
 def _check_launch(launcher: str, workers: int, log_dir) -> None:
@@ -326,7 +326,7 @@ def _check_launch(launcher: str, workers: int, log_dir) -> None:
         _slurm_module() if launcher == "slurm" else _submitit()
         if log_dir is None: raise InputError(f"the {launcher} launcher writes each job's log under log_dir: give a directory")
 
-# %% ../nbs/11_launchers.ipynb #ff9dac9a
+# %% ../nbs/11_launchers.ipynb #2d4d824f
 def launch(jobs: list[Job], # the jobs; each starts once the jobs named in its `after` have succeeded
            launcher: str = "processes", # "inline", "processes", "local" (submitit) or "slurm" (submitit)
            workers: int = 1, # jobs running at once ("processes", "local"; "inline" runs one, "slurm" all)
