@@ -356,7 +356,8 @@ def test_accuracy_checks_labels_where_the_data_enter():
     model, x = tiny_net(k=3).eval(), torch.rand(6, 1, 6, 6)
     bad = torch.tensor([0, 1, 2, 3, 0, 1])
     with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, x, bad)
-    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, [(x[:3], bad[:3]), (x[3:], bad[3:])])
+    batches = [(x[:3], bad[:3]), (x[3:], bad[3:])]
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, batches)
     with pytest.raises(InputError, match=r"labels must lie"): accuracy(model, x, bad, attack=PGD(0.1, steps=2))
     with pytest.raises(InputError, match="divide 0..255"): accuracy(model, [(x * 255, bad % 3)])
     with pytest.raises(InputError, match="batch_size"): autoattack_accuracy(model, x, bad % 3, 0.1, batch_size=0)
