@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -281,6 +282,7 @@ def write_results(path, machine: str, device, args, rows: list[dict]) -> None:
     "The measurements with the machine, threads, settings and the command that produced them, as JSON."
     doc = {"benchmark": "attribution: one pass (ours) against the authors' class-by-class loop", "machine": machine,
            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "load_average_1min": os.getloadavg()[0],                      # other jobs on the machine slow wall-clock times
            "device": str(device), "command": "python bench/attribution.py " + " ".join(sys.argv[1:]),
            "settings": {k: v for k, v in vars(args).items() if k != "json"},
            "columns": {"ratio_wall": "authors' time / ours (wall clock, medians)", "ratio_cpu": "the same in process CPU time",
