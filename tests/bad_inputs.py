@@ -115,11 +115,11 @@ def no_system_data():
     return stack
 
 
-class NoSplit(nn.Module):
-    "A classifier without the `features` / `head` split."
+class SoftmaxOut(nn.Module):
+    "A classifier whose output is a softmax: no nn.Linear gives its output, so there is no head W to split off."
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(dim=1))
     def forward(self, x): return self.net(x)
 
 # ------------------------------------------------------------------------------------------------------ the cases
@@ -278,8 +278,9 @@ CASES: list[Case] = [
     Case("model-std-zero", "models", "normalisation with std=0", lambda d: get_model("small_cnn", 10, 1, std=0),
          error=InputError, words=("std", "positive")),
     # ---- attribution
-    Case("attribution-model-without-split", "attribution", "a model without features/head",
-         lambda d: class_attributions(NoSplit(), *batch()), error=InputError, words=("features", "head", "get_model")),
+    Case("attribution-model-softmax-output", "attribution", "a model whose output is a softmax, not a linear layer's",
+         lambda d: class_attributions(SoftmaxOut(), *batch(10)), error=InputError,
+         words=(("softmax", "not the output of any nn.Linear"), "head=")),
     Case("attribution-empty-class", "attribution", "data where classes 4..9 have no example",
          lambda d: class_attributions(mlp(), *batch()), error=InputError, words=("no examples", "stratified subset")),
     Case("attribution-num-classes", "attribution", "num_classes=5 for a 10-class model",
