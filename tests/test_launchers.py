@@ -94,7 +94,8 @@ job_id = str(100 + len(list(root.glob("*.sh"))))
 (root / f"{job_id}.sh").write_text(Path(sys.argv[-1]).read_text())
 (root / f"{job_id}.state").write_text("PENDING")
 with open(root / f"{job_id}.runner.log", "w") as log:   # not sbatch's stdout, which submitit reads to its end
-    subprocess.Popen([sys.executable, str(root / "bin" / "runner"), job_id], stdout=log, stderr=log, start_new_session=True)
+    runner = [sys.executable, str(root / "bin" / "runner"), job_id]
+    subprocess.Popen(runner, stdout=log, stderr=log, start_new_session=True)
 print(f"Submitted batch job {job_id}")
 """
 RUNNER = """
@@ -106,7 +107,8 @@ folder = Path(shlex.split(re.search(r"submitit.core._submit (.+)", script).group
 needs = re.search(r"--dependency=afterok:([0-9:]+)", script)
 needs = needs.group(1).split(":") if needs else []
 state = lambda j: (root / f"{j}.state").read_text()
-waiting = lambda: not (folder / f"{job_id}_submitted.pkl").exists() or any(state(j) in ("PENDING", "RUNNING") for j in needs)
+pending = lambda: any(state(j) in ("PENDING", "RUNNING") for j in needs)
+waiting = lambda: not (folder / f"{job_id}_submitted.pkl").exists() or pending()
 while state(job_id) != "CANCELLED" and waiting():
     time.sleep(0.05)
 if state(job_id) == "CANCELLED" or any(state(j) != "COMPLETED" for j in needs):
@@ -186,7 +188,8 @@ def test_slurm_launch_on_a_fake_cluster(fake_slurm, tmp_path):
     (tmp_path / "ranks").mkdir()
     jobs = [Job("student", seeded_numbers, (1, str(tmp_path / "student")), after="teacher"),
             Job("teacher", seeded_numbers, (0, str(tmp_path / "teacher"))),
-            Job("broken", fail, ("no data",)), Job("after-broken", seeded_numbers, (2, str(tmp_path / "no")), after="broken"),
+            Job("broken", fail, ("no data",)),
+            Job("after-broken", seeded_numbers, (2, str(tmp_path / "no")), after="broken"),
             Job("two-gpus", write_rank, (str(tmp_path / "ranks"),), gpus=2)]
     heard = []
     results = launch(jobs, "slurm", log_dir=tmp_path / "logs", slurm={"partition": "cpu", "time": 10},
@@ -207,6 +210,7 @@ def test_slurm_launch_on_a_fake_cluster(fake_slurm, tmp_path):
 
 def test_torchrun_failure_is_a_job_error(monkeypatch):
     "(The real torchrun runs in the fake cluster's two-GPU job; here only its exit status matters.)"
-    monkeypatch.setattr(launchers, "torchrun_command", lambda call_file, gpus: [sys.executable, "-c", "raise SystemExit(3)"])
+    exit_3 = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(launchers, "torchrun_command", lambda call_file, gpus: exit_3)
     with pytest.raises(JobError, match="torchrun with 2 processes exited with status 3"):
         TimedCall(fail, ("rank error",), gpus=2)()
