@@ -30,6 +30,7 @@ def _add_demo(sub):
     p.add_argument("--out", default="artifacts/demo", help="directory for the picture (default: %(default)s)")
     p.set_defaults(func=_run_demo)
 
+# %% ../nbs/09_cli.ipynb #d41606a7
 def _run_demo(args):
     from crossclass_nb.data import load_dataset, show_examples
     train, test = load_dataset("fashion_mnist"), load_dataset("fashion_mnist", train=False)
@@ -42,7 +43,7 @@ def _run_demo(args):
     print("\nWhat crossclass_nb does:")
     for name, what in CHAPTERS: print(f"  {name:<26} {what}")
 
-# %% ../nbs/09_cli.ipynb #b157c249
+# %% ../nbs/09_cli.ipynb #6d0ec1df
 CHAPTERS = [
     ("crossclass_nb.synthetic", "the synthetic model: closed forms and theorems checked by simulation"),
     ("crossclass_nb.models", "PreActResNet-18, ResNet-18, WRN-34-10, small CNN, MLP with features/head"),
@@ -53,9 +54,10 @@ CHAPTERS = [
     ("crossclass train|eval|cas", "the same from the terminal"),
 ]
 
-# %% ../nbs/09_cli.ipynb #353313c8
+# %% ../nbs/09_cli.ipynb #6beb698d
 _FLAGS = ("epochs", "seed", "device", "data_root", "model", "loss", "eps", "lr", "amp", "batch_size")
 
+# %% ../nbs/09_cli.ipynb #b6ce639e
 def _add_train(sub):
     from crossclass_nb.training import PRESETS
     p = sub.add_parser("train", help="train a model into a run directory (metrics, checkpoints, CAS)",
@@ -84,7 +86,7 @@ def _add_train(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train)
 
-# %% ../nbs/09_cli.ipynb #04c1c953
+# %% ../nbs/09_cli.ipynb #923442db
 def _read_json(path):
     p = Path(path)
     if not p.is_file(): raise InputError(f"no config file at {p}: give the path of a JSON file")
@@ -92,6 +94,7 @@ def _read_json(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p} is not valid JSON ({e}): fix the file") from None
 
+# %% ../nbs/09_cli.ipynb #477226d9
 def _base_config(args):
     "The config to start from: a preset and/or a config file, or the config of the run to resume."
     from crossclass_nb.training import PRESETS, TrainConfig, get_config
@@ -105,7 +108,7 @@ def _base_config(args):
         raise InputError(f"no run to resume in {run} (no config.json): start one with --preset/--config and --out")
     return TrainConfig.from_json(run / "config.json")
 
-# %% ../nbs/09_cli.ipynb #2650e12b
+# %% ../nbs/09_cli.ipynb #7bc1a3f7
 def _overrides(args) -> dict:
     "The settings that the flags and `--set KEY=VALUE` change."
     from crossclass_nb.training import parse_setting
@@ -117,6 +120,7 @@ def _overrides(args) -> dict:
         over[key] = parse_setting(key, value)
     return over
 
+# %% ../nbs/09_cli.ipynb #3b9b4c0f
 def _train_config(args):
     "The config and run directory the `train` arguments ask for."
     from crossclass_nb.training import TrainConfig
@@ -128,7 +132,7 @@ def _train_config(args):
     cfg = TrainConfig.from_dict(_overrides(args), base=base).validate()
     return cfg, Path(args.resume or args.out or f"runs/{cfg.name}-seed{cfg.seed}")
 
-# %% ../nbs/09_cli.ipynb #171dbdae
+# %% ../nbs/09_cli.ipynb #5298b74b
 def _run_train(args):
     from crossclass_nb.training import load_metrics, train
     cfg, out = _train_config(args)
@@ -141,7 +145,7 @@ def _run_train(args):
           f"test robust {last.get('test_robust_acc', nan):.4f}  CAS {last.get('cas', nan):.2f}")
     return 0
 
-# %% ../nbs/09_cli.ipynb #37b4f6a9
+# %% ../nbs/09_cli.ipynb #01bff70c
 def _add_test_data_options(p):
     "The options `eval` and `cas` share: which test examples, which attack, where to compute."
     p.add_argument("--n", type=int, default=1000, help="class-balanced test examples; 0 for all (default: %(default)s)")
@@ -152,6 +156,7 @@ def _add_test_data_options(p):
     p.add_argument("--device", help="cpu, cuda, ... (default: best available)")
     p.add_argument("--data-root", metavar="DIR", help="directory of the dataset files (default: the run's)")
 
+# %% ../nbs/09_cli.ipynb #e4a796b1
 def _add_model_options(p):
     "Where the model comes from when it is not a checkpoint of a run."
     p.add_argument("--arch", metavar="SPEC", help="torchvision:NAME or package.module:callable (imports that module)")
@@ -161,7 +166,7 @@ def _add_model_options(p):
     p.add_argument("--model-dir", metavar="DIR", help="RobustBench's model directory (default: its own, ./models)")
     p.add_argument("--dataset", help="test data of --arch / --robustbench: fashion_mnist, cifar10, cifar100, digits")
 
-# %% ../nbs/09_cli.ipynb #c4118ecf
+# %% ../nbs/09_cli.ipynb #0c611831
 @dataclass
 class _Target:
     "One model to measure, with everything its evaluation needs."
@@ -173,7 +178,7 @@ class _Target:
     out_dir: Path # where its files go unless --out says otherwise
     epoch: int | None = None # training epoch of a checkpoint
 
-# %% ../nbs/09_cli.ipynb #1c3c49cf
+# %% ../nbs/09_cli.ipynb #3b6819f4
 def _test_data(cfg, n: int, device):
     "The test split of `cfg.dataset` (a class-balanced `n` of it unless `n` is 0) and its tensors on `device`."
     from crossclass_nb.data import load_dataset, stratified_subset
@@ -182,10 +187,12 @@ def _test_data(cfg, n: int, device):
     if n and n < len(ds): ds = stratified_subset(ds, n, seed=cfg.data_seed)
     return ds, ds.x.to(device), ds.y.to(device)
 
+# %% ../nbs/09_cli.ipynb #b48a56e4
 def _ckpt_path(p: str) -> Path:
     p = Path(p)
     return p / "best.pt" if p.is_dir() else p
 
+# %% ../nbs/09_cli.ipynb #4b27ff22
 def _names(paths: list, prefixed: bool) -> list:
     "File stems for checkpoints: `best`, or `run_best` when they come from several runs or go to --out."
     names = [f"{p.parent.name}_{p.stem}" if prefixed else p.stem for p in paths]
@@ -193,7 +200,7 @@ def _names(paths: list, prefixed: bool) -> list:
         raise InputError("two checkpoints would write the same files: pass distinct checkpoints")
     return names
 
-# %% ../nbs/09_cli.ipynb #122d1789
+# %% ../nbs/09_cli.ipynb #3d7e5835
 def _checkpoint_target(path: Path, name: str, args, device) -> _Target:
     "A checkpoint of a run, its config and its test data (`--data-root` overrides the run's)."
     from crossclass_nb.training import TrainConfig, load_checkpoint, load_model
@@ -202,7 +209,7 @@ def _checkpoint_target(path: Path, name: str, args, device) -> _Target:
     if args.data_root: cfg = TrainConfig.from_dict({"data_root": args.data_root}, base=cfg)
     return _Target(name, model, cfg, _test_data(cfg, args.n, device), str(path), path.parent, epoch)
 
-# %% ../nbs/09_cli.ipynb #722ccfc3
+# %% ../nbs/09_cli.ipynb #3e8a2150
 def _external_model(args, ds):
     "The classifier of `--arch` (with `--weights`) or `--robustbench`, for the classes and channels of `ds`."
     from crossclass_nb.models import ZOO_SOURCES, load_arch, load_robustbench
@@ -214,6 +221,7 @@ def _external_model(args, ds):
     threat = {"linf": "Linf", "l2": "L2"}[args.norm or "linf"]
     return load_robustbench(args.robustbench, dataset=args.dataset or "cifar10", threat_model=threat, **where)
 
+# %% ../nbs/09_cli.ipynb #18e1006e
 def _external_target(args, device) -> _Target:
     "A model of your own (`--arch`) or from RobustBench, measured with the trainer's default evaluation attack."
     from crossclass_nb.training import TrainConfig
@@ -227,7 +235,7 @@ def _external_target(args, device) -> _Target:
     out_dir = Path(args.weights).parent if args.weights else Path(".")
     return _Target(name, model, cfg, data, args.robustbench or args.arch, out_dir)
 
-# %% ../nbs/09_cli.ipynb #1f6d945e
+# %% ../nbs/09_cli.ipynb #5cfd33e7
 def _check_source(args, checkpoints: list):
     "Exactly one of: checkpoints, --arch, --robustbench; and --weights only with --arch."
     sources = (("a checkpoint", checkpoints), ("--arch", args.arch), ("--robustbench", args.robustbench))
@@ -239,6 +247,7 @@ def _check_source(args, checkpoints: list):
     if (args.weights or args.head) and not args.arch:
         raise InputError("--weights and --head go with --arch (a checkpoint of a run holds its own weights)")
 
+# %% ../nbs/09_cli.ipynb #fc88d3dc
 def _targets(args, checkpoints: list, device) -> list:
     "Every model the arguments name, loaded and checked, with its test data, before any work starts."
     _check_source(args, checkpoints)
@@ -247,7 +256,7 @@ def _targets(args, checkpoints: list, device) -> list:
     names = _names(paths, prefixed=bool(args.out) or len({p.parent for p in paths}) > 1)
     return [_checkpoint_target(p, name, args, device) for p, name in zip(paths, names)]
 
-# %% ../nbs/09_cli.ipynb #61df90f2
+# %% ../nbs/09_cli.ipynb #198e5121
 def _eval_attack(cfg, eps, steps, norm=None):
     "The evaluation PGD: the run's settings, with `--eps`, `--steps` and `--norm` over them."
     from crossclass_nb.attacks import PGD
@@ -258,10 +267,11 @@ def _eval_attack(cfg, eps, steps, norm=None):
     alpha = cfg.eval_alpha if (eps is None and cfg.eval_alpha is not None) else e / 4
     return PGD(e, alpha, steps=steps or cfg.eval_steps, norm=norm or cfg.norm)
 
+# %% ../nbs/09_cli.ipynb #00add5ee
 def _check_batch_size(n: int):
     if n < 1: raise InputError(f"--batch-size must be at least 1, got {n}")
 
-# %% ../nbs/09_cli.ipynb #f8e1522c
+# %% ../nbs/09_cli.ipynb #74b18aec
 def _add_eval(sub):
     p = sub.add_parser("eval", help="clean, PGD and AutoAttack accuracy of a checkpoint or model",
                        description="Evaluate a checkpoint (or a run directory: its best.pt), or a model of your own, "
@@ -277,6 +287,7 @@ def _add_eval(sub):
     p.add_argument("--out", metavar="DIR", help="write the JSON here instead of next to the checkpoint")
     p.set_defaults(func=_run_eval)
 
+# %% ../nbs/09_cli.ipynb #019e56d3
 def _autoattack_version(requested: str | None) -> str:
     "The AutoAttack version to run: the one asked for; by default `cheap` if torchattacks is installed, else none."
     from crossclass_nb.attacks import MissingExtraError
@@ -289,7 +300,7 @@ def _autoattack_version(requested: str | None) -> str:
                                 'pip install -e ".[eval]" (or --autoattack none)')
     return requested or "cheap"
 
-# %% ../nbs/09_cli.ipynb #95263b01
+# %% ../nbs/09_cli.ipynb #461217a4
 def _run_eval(args):
     from crossclass_nb.attacks import accuracy, autoattack_accuracy
     from crossclass_nb.core import atomic_write_text, get_device, set_seed
@@ -315,7 +326,7 @@ def _run_eval(args):
     print(f"wrote {path}")
     return 0
 
-# %% ../nbs/09_cli.ipynb #7a4292b0
+# %% ../nbs/09_cli.ipynb #15cdb277
 def _add_cas(sub):
     p = sub.add_parser("cas", help="attribution matrices, CAS and heat maps of models (and their difference)",
                        description="Attribution similarity matrices and CAS of checkpoints, or of a model of your own.",
@@ -329,6 +340,7 @@ def _add_cas(sub):
     p.add_argument("--out", metavar="DIR", help="directory for the files (default: next to the first checkpoint)")
     p.set_defaults(func=_run_cas)
 
+# %% ../nbs/09_cli.ipynb #007c6267
 def _check_same_classes(targets: list):
     "A difference map needs two models of the same classes."
     (t1, t2) = targets
@@ -337,7 +349,7 @@ def _check_same_classes(targets: list):
                          "there is no difference map: pass two checkpoints trained on the same dataset "
                          "(or run crossclass cas on each separately)")
 
-# %% ../nbs/09_cli.ipynb #2ae8a34b
+# %% ../nbs/09_cli.ipynb #fbd1fade
 def _pyplot():
     "matplotlib.pyplot, drawing off-screen unless a backend is chosen already (a terminal may have no display)."
     import matplotlib
@@ -345,13 +357,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
     return plt
 
+# %% ../nbs/09_cli.ipynb #5ac4af6d
 def _save(fig, path: Path):
     "Write `fig` as a PNG (atomically, like every file the package writes) and close it."
     from crossclass_nb.core import atomic_write
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90, bbox_inches="tight"))
     _pyplot().close(fig)
 
-# %% ../nbs/09_cli.ipynb #3d97a33c
+# %% ../nbs/09_cli.ipynb #5312d7bb
 def _write_cas(out: Path, targets: list, reports: list):
     "Per model: `NAME.cas.json` and the heat map `NAME.similarity.png`; accuracy and CAS as a table on the terminal."
     from crossclass_nb.attribution import plot_similarity
@@ -365,6 +378,7 @@ def _write_cas(out: Path, targets: list, reports: list):
         _save(ax.figure, out / f"{t.name}.similarity.png")
         print(f"{t.name:<28}{t.epoch if t.epoch is not None else '':>6}{res.accuracy:>10.4f}{res.cas:>9.2f}")
 
+# %% ../nbs/09_cli.ipynb #08f124a1
 def _write_difference(out: Path, targets: list, reports: list):
     "The difference map of the first model's similarity matrix minus the second's."
     from crossclass_nb.attribution import plot_difference
@@ -373,7 +387,7 @@ def _write_difference(out: Path, targets: list, reports: list):
     _save(ax.figure, out / f"{n1}_minus_{n2}.difference.png")
     print(f"CAS difference {n1} − {n2}: {r1.cas - r2.cas:+.2f}")
 
-# %% ../nbs/09_cli.ipynb #813cfe46
+# %% ../nbs/09_cli.ipynb #fe8d48f4
 def _run_cas(args):
     from crossclass_nb.attribution import attribution_report
     from crossclass_nb.core import get_device, set_seed
@@ -394,7 +408,7 @@ def _run_cas(args):
     print(f"wrote files to {out}")
     return 0
 
-# %% ../nbs/09_cli.ipynb #58bec311
+# %% ../nbs/09_cli.ipynb #b7008841
 def build_parser() -> argparse.ArgumentParser:
     "The `crossclass` argument parser with every subcommand."
     from crossclass_nb.experiments import add_reproduce_parser
@@ -404,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_train, _add_eval, _add_cas, add_reproduce_parser): add(sub)
     return parser
 
-# %% ../nbs/09_cli.ipynb #1bb927d7
+# %% ../nbs/09_cli.ipynb #6943b232
 def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
         ) -> int:
     "Run the `crossclass` command line; returns the exit code."
@@ -426,6 +440,6 @@ def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
         print(f"crossclass {args.command}: interrupted", file=sys.stderr)
         return 130
 
-# %% ../nbs/09_cli.ipynb #25ff15f4
+# %% ../nbs/09_cli.ipynb #f43c86ae
 #| eval: false
 if __name__ == "__main__": sys.exit(main())
