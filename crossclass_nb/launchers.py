@@ -202,7 +202,15 @@ def _threads(workers: int) -> int:
     "CPU threads for each of `workers` jobs sharing this machine."
     return max(1, (os.cpu_count() or 1) // workers)
 
-# %% ../nbs/11_launchers.ipynb #63bcb76d
+# %% ../nbs/11_launchers.ipynb #fcbc875e
+def _check_importable(jobs: list[Job]) -> None:
+    "Refuse jobs whose function a fresh process cannot import by name (defined in `__main__`)."
+    for job in jobs:
+        if getattr(job.fn, "__module__", None) == "__main__":
+            raise InputError(f"job {job.name}: {job.fn.__name__} is defined in __main__ (a notebook or a script), which a "
+                             "fresh process cannot import: move it into a module, or use launcher='inline' or 'local'")
+
+# %% ../nbs/11_launchers.ipynb #77532282
 def _run_processes(order: list[Job], workers: int, on_done: Callable, on_progress: Callable | None) -> dict:
     "Each job in a fresh (spawned) process of a pool of `workers`."
     from crossclass_nb.launchers import TimedCall, _start_worker   # the module's own: a new process imports them
@@ -219,7 +227,7 @@ def _run_processes(order: list[Job], workers: int, on_done: Callable, on_progres
     _drain(progress, on_progress)
     return results
 
-# %% ../nbs/11_launchers.ipynb #2858e4be
+# %% ../nbs/11_launchers.ipynb #f238ad47
 def _submitit():
     "The submitit module, or a one-line error naming the extra that installs it."
     try: import submitit
@@ -228,7 +236,7 @@ def _submitit():
                                 'pip install -e ".[cluster]" (or pip install submitit)') from None
     return submitit
 
-# %% ../nbs/11_launchers.ipynb #15d6e0c6
+# %% ../nbs/11_launchers.ipynb #5b0e2b83
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # minutes a local submitit job may run
 
 def _run_local(order: list[Job], workers: int, log_dir: Path, on_done: Callable) -> dict:
@@ -241,7 +249,7 @@ def _run_local(order: list[Job], workers: int, log_dir: Path, on_done: Callable)
         return executor.submit(TimedCall(job.fn, job.args, _threads(workers)))
     return schedule(order, start, on_done, workers)
 
-# %% ../nbs/11_launchers.ipynb #5df2d3e8
+# %% ../nbs/11_launchers.ipynb #6e3c1ca2
 def _slurm_gpus(job: Job, slurm: dict) -> int:
     "The GPUs of `job`'s SLURM job: its own `gpus`, else the study's `gpus_per_run`."
     return job.gpus or int(slurm.get("gpus_per_run", 0))
@@ -257,7 +265,7 @@ def _slurm_parameters(job: Job, slurm: dict, dependencies: list[str]) -> dict:
         params["additional_parameters"] = {**slurm.get("additional_parameters", {}), "kill-on-invalid-dep": "yes"}
     return params
 
-# %% ../nbs/11_launchers.ipynb #31b6ff96
+# %% ../nbs/11_launchers.ipynb #3a616fd5
 def _slurm_module():
     "submitit, once it is clear that this machine can submit SLURM jobs."
     submitit = _submitit()
@@ -265,7 +273,7 @@ def _slurm_module():
         raise InputError("no SLURM here (srun not found): launch from the login node, or use launcher='local'")
     return submitit
 
-# %% ../nbs/11_launchers.ipynb #2a43e089
+# %% ../nbs/11_launchers.ipynb #ff9dac9a
 def slurm_executor(job: Job, # the job to submit
                    log_dir: str | Path, # a directory every node can read (the job's logs go to `log_dir/NAME/`)
                    slurm: dict, # partition, time (minutes), gpus_per_run, and any other `SlurmExecutor` parameter
@@ -279,7 +287,7 @@ def slurm_executor(job: Job, # the job to submit
         raise InputError(f"{unknown} in the slurm settings: use submitit's SlurmExecutor parameters") from None
     return executor
 
-# %% ../nbs/11_launchers.ipynb #3a616fd5
+# %% ../nbs/11_launchers.ipynb #6928b130
 def torchrun_command(call_file: str | Path, # a pickled (fn, args)
                      gpus: int, # processes, one per GPU
                     ) -> list[str]:
@@ -293,7 +301,7 @@ def run_pickled(call_file: str | Path) -> None:
     fn, args = pickle.loads(Path(call_file).read_bytes())
     fn(*args)
 
-# %% ../nbs/11_launchers.ipynb #ff9dac9a
+# %% ../nbs/11_launchers.ipynb #73e23434
 def run_torchrun(fn: Callable, # a top-level function, run in every process
                  args: tuple, # its arguments
                  gpus: int, # processes, one per GPU
@@ -307,7 +315,7 @@ def run_torchrun(fn: Callable, # a top-level function, run in every process
         raise JobError(f"torchrun with {gpus} processes exited with status {status}: "
                        "the processes' errors are in this job's log")
 
-# %% ../nbs/11_launchers.ipynb #2d4d824f
+# %% ../nbs/11_launchers.ipynb #9360c3c2
 SLURM_POLL_S = 20  # seconds between two looks at the cluster's queue
 
 def _run_slurm(order: list[Job], log_dir: Path, slurm: dict, on_done: Callable) -> dict:
@@ -321,7 +329,7 @@ def _run_slurm(order: list[Job], log_dir: Path, slurm: dict, on_done: Callable) 
         return submitted[job.name]
     return schedule(order, start, on_done, poll=lambda: time.sleep(SLURM_POLL_S), eager=True)
 
-# %% ../nbs/11_launchers.ipynb #a3681b21
+# %% ../nbs/11_launchers.ipynb #7670c43e
 LAUNCHERS = ("inline", "processes", "local", "slurm")
 
 def _check_launch(launcher: str, workers: int, log_dir) -> None:
@@ -334,7 +342,7 @@ def _check_launch(launcher: str, workers: int, log_dir) -> None:
     if launcher == "local": _submitit()
     if launcher == "slurm": _slurm_module()
 
-# %% ../nbs/11_launchers.ipynb #7ef39b85
+# %% ../nbs/11_launchers.ipynb #bfcec7f6
 def launch(jobs: list[Job], # the jobs; each starts once the jobs named in its `after` have succeeded
            launcher: str = "processes", # "inline", "processes", "local" (submitit) or "slurm" (submitit)
            workers: int = 1, # jobs running at once ("processes", "local"; "inline" runs one, "slurm" all)
@@ -347,6 +355,8 @@ def launch(jobs: list[Job], # the jobs; each starts once the jobs named in its `
     _check_launch(launcher, workers, log_dir)
     order, on_done = job_order(jobs), on_done or (lambda name, result: None)
     if launcher == "inline": return _run_inline(order, on_done, on_progress)
-    if launcher == "processes": return _run_processes(order, workers, on_done, on_progress)
+    if launcher == "processes":
+        _check_importable(order)
+        return _run_processes(order, workers, on_done, on_progress)
     if launcher == "local": return _run_local(order, workers, Path(log_dir), on_done)
     return _run_slurm(order, Path(log_dir), slurm or {}, on_done)
