@@ -207,8 +207,9 @@ def _check_importable(jobs: list[Job]) -> None:
     "Refuse jobs whose function a fresh process cannot import by name (defined in `__main__`)."
     for job in jobs:
         if getattr(job.fn, "__module__", None) == "__main__":
-            raise InputError(f"job {job.name}: {job.fn.__name__} is defined in __main__ (a notebook or a script), which a "
-                             "fresh process cannot import: move it into a module, or use launcher='inline' or 'local'")
+            fix = "move it into a module, or use launcher='inline' or 'local'"
+            raise InputError(f"job {job.name}: {job.fn.__name__} is defined in __main__ (a notebook or a script), "
+                             f"which a fresh process cannot import: {fix}")
 
 # %% ../nbs/11_launchers.ipynb #77532282
 def _run_processes(order: list[Job], workers: int, on_done: Callable, on_progress: Callable | None) -> dict:
