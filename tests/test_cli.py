@@ -256,3 +256,20 @@ def test_one_model_source(resnet_weights, tmp_path, capsys, trained):
         code, out, err = run(capsys, *argv)
         assert code == 2 and words in err and err.count("\n") == 1, (argv, err)
         assert snapshot(tmp_path) == before
+
+
+def test_cas_of_a_robustbench_model_offline(resnet_weights, tmp_path, capsys):
+    "--robustbench NAME with a checkpoint placed in RobustBench's model-directory layout: nothing is downloaded."
+    from crossclass_nb.attacks import MissingExtraError
+    from crossclass_nb.models import _robustbench
+    try: _, registry, enums = _robustbench()
+    except MissingExtraError as e: pytest.skip(str(e))
+    entry = registry[enums.BenchmarkDataset("cifar10")][enums.ThreatModel("Linf")]["Wong2020Fast"]
+    torch.manual_seed(0)
+    (tmp_path / "models" / "cifar10" / "Linf").mkdir(parents=True)
+    torch.save(entry["model"]().state_dict(), tmp_path / "models" / "cifar10" / "Linf" / "Wong2020Fast.pt")
+    code, out, err = run(capsys, "cas", "--robustbench", "Wong2020Fast", "--model-dir", tmp_path / "models",
+                         "--data-root", resnet_weights / "data", "--n", "0", "--steps", "1", "--out", tmp_path / "out")
+    assert code == 0, err
+    rec = json.loads((tmp_path / "out" / "Wong2020Fast.cas.json").read_text())
+    assert rec["checkpoint"] == "Wong2020Fast" and rec["dataset"] == "cifar10" and len(rec["C"]) == 10
