@@ -92,7 +92,7 @@ class Classifier(nn.Module):
         "Logits `head(features(x))`."
         return self.head(self.features(x))
 
-# %% ../nbs/03_models.ipynb #05d19c21
+# %% ../nbs/03_models.ipynb #38725c8a
 def _pool_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     "size x n matrix whose row i averages window i of adaptive average pooling from n to size."
     i, j = torch.arange(size, device=like.device), torch.arange(n, device=like.device)
@@ -238,7 +238,7 @@ _BODIES = {"preact_resnet18": preact_resnet18_body, "resnet18": resnet18_body,
            "wrn34_10": wrn_body, "small_cnn": small_cnn_body, "mlp": mlp_body}
 MODEL_NAMES = tuple(_BODIES)
 
-# %% ../nbs/03_models.ipynb #8c2f2bfc
+# %% ../nbs/03_models.ipynb #227f5ef1
 ZOO_SOURCES = ("torchvision", "timm")
 
 def _timm():
@@ -255,7 +255,7 @@ def _zoo_names(source: str) -> list[str]:
     import torchvision
     return torchvision.models.list_models(module=torchvision.models)
 
-# %% ../nbs/03_models.ipynb #45f58ad4
+# %% ../nbs/03_models.ipynb #b10870c5
 def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
                     ) -> str:
     "Return `name` if `get_model` can build it; otherwise raise an `InputError` that names the choices."
@@ -271,7 +271,7 @@ def check_model_name(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "tim
         raise InputError(f"{source} has no classification model {arch!r}{hint}: see {source}'s list of models")
     return name
 
-# %% ../nbs/03_models.ipynb #f51b0c04
+# %% ../nbs/03_models.ipynb #88763eb1
 def _adapt_stem(net: nn.Module, in_channels: int) -> None:
     "Rebuild the first convolution of `net` for `in_channels` input channels if it expects another number."
     name, conv = next(((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
@@ -281,6 +281,7 @@ def _adapt_stem(net: nn.Module, in_channels: int) -> None:
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent), child, new)
 
+# %% ../nbs/03_models.ipynb #ca96b1c9
 def _zoo_network(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
     "A freshly initialised torchvision or timm network (never pretrained weights: nothing is downloaded)."
     source, _, arch = check_model_name(name).partition(":")
@@ -316,7 +317,7 @@ def get_model(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
     body, n = make(in_channels=in_channels, **kw)
     return Classifier(body, n, num_classes, in_channels, mean, std)
 
-# %% ../nbs/03_models.ipynb #834f3a9e
+# %% ../nbs/03_models.ipynb #9b5a2023
 class SplitClassifier(nn.Module):
     "A network whose logits come out of its final `nn.Linear`, read as `head(features(x))`; `forward` is its own."
     def __init__(self,
@@ -341,11 +342,12 @@ class SplitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.model(x)
 
-# %% ../nbs/03_models.ipynb #9eab848a
+# %% ../nbs/03_models.ipynb #8617442f
 def _first_attribute(model: nn.Module, name: str):
     "The attribute `name` of the first submodule that has one (e.g. a wrapped network's image size)."
     return next((getattr(m, name) for m in model.modules() if getattr(m, name, None) is not None), None)
 
+# %% ../nbs/03_models.ipynb #6f087693
 def _probe_input(model: nn.Module) -> torch.Tensor:
     "Two random inputs in [0, 1] of the shape the network expects, read from its first layer and its config."
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
@@ -360,7 +362,7 @@ def _probe_input(model: nn.Module) -> torch.Tensor:
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))   # the global random state is left alone
     return x.to(p.device, p.dtype)
 
-# %% ../nbs/03_models.ipynb #898ab934
+# %% ../nbs/03_models.ipynb #f30570aa
 def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
     "The network's output on `x` (eval mode, no gradient) and the output of each of its nn.Linear layers by name."
     outs = {}
@@ -377,7 +379,7 @@ def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
 def _is_output(t: torch.Tensor, out) -> bool:
     return isinstance(out, torch.Tensor) and t.shape == out.shape and torch.equal(t, out)
 
-# %% ../nbs/03_models.ipynb #e660962d
+# %% ../nbs/03_models.ipynb #7bfd2c4d
 def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None) -> str:
     "The dotted name of the nn.Linear whose output is the network's output, checked on a forward pass."
     what = type(model).__name__
@@ -401,7 +403,7 @@ def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None)
                          "choose one with head=NAME")
     return head or found[0]
 
-# %% ../nbs/03_models.ipynb #4ec4d790
+# %% ../nbs/03_models.ipynb #dac5ccc1
 def as_classifier(model: nn.Module, # a classifier whose logits come out of a final nn.Linear
                   head: str | None = None, # dotted name of that layer ("fc", "classifier.6"); None: find it
                   example: torch.Tensor | None = None, # a batch of inputs for the check; None: guessed from the network
@@ -412,7 +414,7 @@ def as_classifier(model: nn.Module, # a classifier whose logits come out of a fi
     if isinstance(model, (Classifier, SplitClassifier)) and head is None: return model
     return SplitClassifier(model, _find_head(model, head, example)).train(model.training)  # the network's mode
 
-# %% ../nbs/03_models.ipynb #3c4740c8
+# %% ../nbs/03_models.ipynb #6122029a
 def _user_network(spec: str, num_classes: int, **kw) -> nn.Module:
     "Call `package.module:callable` (the user's own code, imported on purpose) to build the network."
     module_name, _, attr = spec.partition(":")
@@ -428,6 +430,7 @@ def _user_network(spec: str, num_classes: int, **kw) -> nn.Module:
         raise InputError(f"{spec} returned a {type(net).__name__}, not an nn.Module: it must return the network")
     return net
 
+# %% ../nbs/03_models.ipynb #4d1d1cb2
 def _load_weights(net: nn.Module, path, spec: str) -> None:
     "Load a state dict file (weights only) into `net`, strictly."
     try: state = safe_load(path)
@@ -442,7 +445,7 @@ def _load_weights(net: nn.Module, path, spec: str) -> None:
         raise CheckpointError(f"the weights in {path} do not fit {spec}: {detail} (check the architecture, its options "
                               "and the number of classes)") from None
 
-# %% ../nbs/03_models.ipynb #8b5aae4c
+# %% ../nbs/03_models.ipynb #30e7c8c1
 def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:callable"
               num_classes: int, # K, the number of classes
               weights=None, # a state dict file of the network (loaded with weights_only=True); None: as initialised
@@ -461,7 +464,7 @@ def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:ca
         raise InputError(f"{spec} has {model.head.out_features} outputs but the data have {num_classes} classes")
     return model.eval()
 
-# %% ../nbs/03_models.ipynb #70aa78ab
+# %% ../nbs/03_models.ipynb #8e6e3fbd
 def _robustbench():
     "robustbench's loader, its model registry and its enums, or a `MissingExtraError` that names the extra."
     from crossclass_nb.attacks import MissingExtraError
@@ -477,6 +480,7 @@ def _robustbench():
                                 f'({e})') from None
     return utils.load_model, model_zoo.model_dicts, enums
 
+# %% ../nbs/03_models.ipynb #b0f5b8ac
 def _robustbench_entry(name: str, dataset: str, threat_model: str):
     "Check that RobustBench lists `name`; return its loader."
     load, registry, enums = _robustbench()
@@ -489,7 +493,7 @@ def _robustbench_entry(name: str, dataset: str, threat_model: str):
                          f"{'; close names: ' + ', '.join(close) if close else ''}: see the RobustBench leaderboard")
     return load
 
-# %% ../nbs/03_models.ipynb #9748d445
+# %% ../nbs/03_models.ipynb #e6159359
 def load_robustbench(name: str, # a model of the RobustBench zoo, e.g. "Wong2020Fast"
                      dataset: str = "cifar10", # "cifar10", "cifar100" or "imagenet"
                      threat_model: str = "Linf", # "Linf", "L2" or "corruptions"
