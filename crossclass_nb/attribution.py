@@ -224,6 +224,7 @@ def _model_name(model: nn.Module) -> str:
     "The class name of the network (inside `as_classifier`'s wrapper, if any)."
     return type(model.model if isinstance(model, SplitClassifier) else model).__name__
 
+# %% ../nbs/05_attribution.ipynb #8b742186
 def report_from_sums(sums: ClassSums, # class sums of one pass, or added up over several
                      model_or_head: nn.Module, # the model (with `head`) or its head, an nn.Linear
                      classes: Sequence[str] | None = None, # class names
@@ -244,6 +245,7 @@ def report_from_sums(sums: ClassSums, # class sums of one pass, or added up over
     return AttributionResult(A=A, C=C, cas=cas(C), per_class_acc=(correct / counts).float(),
                              accuracy=float(correct.sum() / counts.sum()), settings=settings)
 
+# %% ../nbs/05_attribution.ipynb #b9209831
 def attribution_report(model: nn.Module, # a classifier with `features` and a linear `head`, or any as_classifier reads
                        data, # a Dataset (.x, .y, .classes), a pair (x, y), or an iterable of (x, y) batches
                        attack=None, # None (clean) or a callable attack(model, x, y) -> x_adv, e.g. PGD(8/255, steps=20)
@@ -257,7 +259,7 @@ def attribution_report(model: nn.Module, # a classifier with `features` and a li
     s = class_sums(model, data, None, attack, K, batch_size)
     return report_from_sums(s, model, classes, attack, batch_size)
 
-# %% ../nbs/05_attribution.ipynb #58dd5169
+# %% ../nbs/05_attribution.ipynb #c265a5a8
 def write_cas_record(out_dir: str | Path, # the run directory
                      epoch: int, # the epoch (1-based) the result belongs to
                      result: AttributionResult, # the report of that epoch
@@ -291,6 +293,7 @@ def _heatmap(M, classes, ax, vmin, vmax, title, annotate):
     if title: ax.set_title(title)
     return ax
 
+# %% ../nbs/05_attribution.ipynb #22a95f2b
 def plot_similarity(C: torch.Tensor, # similarity matrix, K x K
                     classes: Sequence[str] | None = None, # class names for the axes
                     ax=None, # a matplotlib Axes to draw into; default a new figure
@@ -338,7 +341,7 @@ def plot_cas_curve(epochs: Sequence[int], # the epochs at which CAS was measured
     ax.set_xlabel("epoch"); ax.set_ylabel("CAS"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     return ax
 
-# %% ../nbs/05_attribution.ipynb #58143480
+# %% ../nbs/05_attribution.ipynb #c93e7602
 def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
                       classes: Sequence[str] | None = None, # class names, one per panel
                       top: int = 12, # how many features to show: those with the largest total |A| over the classes
@@ -365,7 +368,7 @@ def plot_attributions(A: torch.Tensor, # class-wise attributions, K x n
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_attribution.ipynb #e991757d
+# %% ../nbs/05_attribution.ipynb #5d2827ea
 def _read_rows(path: Path) -> list[dict]:
     "The rows of a metrics.jsonl file (none if it does not exist)."
     if not path.is_file(): return []
@@ -377,6 +380,7 @@ def _best_epoch(rows: list[dict], metric: str) -> int | None:
               if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     return -max(scored)[1] if scored else None
 
+# %% ../nbs/05_attribution.ipynb #7d34b0e9
 def _check_tracker_dir(out_dir: Path) -> None:
     "Refuse a directory that holds a training run of the trainer."
     cfg = out_dir / "config.json"
@@ -384,7 +388,7 @@ def _check_tracker_dir(out_dir: Path) -> None:
         raise RunDirError(f"{out_dir} holds a training run (its config.json is the trainer's): "
                           "give the tracker its own directory")
 
-# %% ../nbs/05_attribution.ipynb #a5597fba
+# %% ../nbs/05_attribution.ipynb #0dec5433
 class CASTracker:
     "Attribution report of `model` on `data` every `every` epochs, written as a training run writes it."
     def __init__(self,
@@ -410,7 +414,7 @@ class CASTracker:
 
     def due(self, epoch: int) -> bool: return epoch % self.every == 0 or epoch == self.epochs
 
-# %% ../nbs/05_attribution.ipynb #b17543d1
+# %% ../nbs/05_attribution.ipynb #1df9dcc7
 def _measure(self) -> AttributionResult:
     "The report of the model now, under the tracker's seed; the caller's random state is left as it was."
     devices = [d for d in {_model_device(self.model)} if d.type == "cuda"]
@@ -418,6 +422,7 @@ def _measure(self) -> AttributionResult:
         torch.manual_seed(self.seed)
         return attribution_report(self.model, self.data, self.attack, batch_size=self.batch_size, classes=self.classes)
 
+# %% ../nbs/05_attribution.ipynb #ee1f8523
 def _record_epoch(self, epoch: int, **metrics) -> AttributionResult | None:
     "Record epoch `epoch` (1-based) with the loop's `metrics`; measure and write CAS when it is due."
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
