@@ -40,7 +40,7 @@ __all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER
            'mean_ci', 'direction', 'fmt_ci', 'sign_verdict', 'parts_verdict', 'overfits', 'evaluate_claims', 'Table',
            'methods_table', 'eps_table', 'paper_table', 'claims_table', 'analyse_study', 'make_light', 'report_figures',
            'write_report', 'get_study', 'parse_seeds', 'reproduce', 'add_reproduce_parser', 'run_reproduce',
-           'search_study', 'search_table', 'plot_rice', 'plot_gap_vs_noise']
+           'search_study', 'search_table', 'plot_rice', 'plot_gap_vs_noise', 'plot_search']
 
 # %% ../nbs/07_robust_overfitting.ipynb #b2cab781
 METHODS = {
@@ -327,8 +327,9 @@ def study_jobs(study: Study, # the study
               ) -> list[Job]:
     "One launcher `Job` per unfinished run of `study`; a distilled run comes after its teacher's job."
     todo = [s for s in study.runs if not run_finished(out / "runs" / s.name, s.config.epochs)]
-    return [Job(s.name, train_job, (dict(s.to_dict(), config=_resolve(s, out, device, data_root).to_dict()), str(out / "runs" / s.name)),
-                after=(s.teacher,) if s.teacher else ()) for s in todo]
+    spec = lambda s: dict(s.to_dict(), config=_resolve(s, out, device, data_root).to_dict())
+    return [Job(s.name, train_job, (spec(s), str(out / "runs" / s.name)), after=(s.teacher,) if s.teacher else ())
+            for s in todo]
 
 def _epochs_done(study: Study, out: Path) -> int:
     "Epochs already trained in `out` (finished runs and the finished epochs of the others)."
@@ -346,7 +347,7 @@ def run_study(study: Study, # the runs
               device: str | None = None, # device of every run (None: each config's)
               data_root: str | None = None, # dataset directory of every run (None: each config's)
               keep_going: bool = False, # a failed run does not stop the others (recorded in failures.json)
-              launcher: str | None = None, # "inline", "processes", "local" or "slurm" (None: inline for jobs=1, else processes)
+              launcher: str | None = None, # "inline", "processes", "local" or "slurm" (None: inline for 1 job)
               slurm: dict | None = None, # "slurm": partition, time (minutes), gpus_per_run
              ) -> dict:
     "Train every unfinished run of `study` into `out_dir`; returns {run name: seconds} of the runs trained now."
@@ -373,10 +374,13 @@ def run_study(study: Study, # the runs
         _record_failures(out, failures)
     return times
 
+
+# %% ../nbs/07_robust_overfitting.ipynb #f7269ed3
 def _record_failures(out: Path, failures: dict) -> None:
     "failures.json: the runs of the last call that failed, and why (removed when none did)."
     if failures: atomic_write_text(out / "failures.json", json.dumps(failures, indent=1) + "\n")
     else: (out / "failures.json").unlink(missing_ok=True)
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #3c610dbc
 EARLY_FRACTION = 0.35 # the paper's underfitting checkpoint: epoch 70 of 200
@@ -1107,14 +1111,16 @@ def add_reproduce_parser(sub): # the subparsers object of `crossclass`
     p.add_argument("--resume", action="store_true", help="continue the study in --out (finished runs are kept)")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out")
     p.add_argument("--light", action="store_true", help="delete checkpoints at the end (what results/ in the repo stores)")
-    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are started: inline, processes (default with --jobs > 1), "
-                                                         "local (submitit) or slurm (submitit; one job per run)")
+    p.add_argument("--launcher", choices=LAUNCHERS, help="how runs are started: inline, processes (default with "
+                                                         "--jobs > 1), local (submitit) or slurm (one job per run)")
     p.add_argument("--slurm-partition", metavar="NAME", help="--launcher slurm: the partition")
-    p.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="--launcher slurm: GPUs of each run's job (default 1)")
-    p.add_argument("--slurm-time", type=int, metavar="MIN", help="--launcher slurm: minutes each job may run (default 1440)")
+    p.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="--launcher slurm: GPUs per run (default 1)")
+    p.add_argument("--slurm-time", type=int, metavar="MIN", help="--launcher slurm: minutes a job may run (default 1440)")
     p.set_defaults(func=run_reproduce)
     return p
 
+
+# %% ../nbs/07_robust_overfitting.ipynb #1970aa13
 def _slurm_options(args) -> dict | None:
     "The `slurm` parameters of `crossclass reproduce` (None unless --launcher slurm)."
     given = {k: v for k, v in (("partition", args.slurm_partition), ("gpus_per_run", args.slurm_gpus_per_run),
@@ -1147,6 +1153,7 @@ def run_reproduce(args) -> int:
 
 CLI_SUBCOMMANDS = [add_reproduce_parser]
 
+
 # %% ../nbs/07_robust_overfitting.ipynb #2b5159c7
 SEARCH_BASE = dict(FMNIST_SCALES["clean"], test_size=1000)
 REGIME_SEARCH = {
@@ -1168,11 +1175,12 @@ def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides o
     "Hard-label AT in several CPU settings, to look for robust overfitting (one study, one setting label per run)."
     runs = []
     for seed in seeds:
-        for label, kw in candidates.items():
-            cfg = fmnist_config("clean", **{**SEARCH_BASE, **kw, "seed": seed, "data_seed": seed, "name": f"{name}:{label}"})
+        for label, overrides in candidates.items():
+            kw = {**SEARCH_BASE, **overrides, "seed": seed, "data_seed": seed, "name": f"{name}:{label}"}
+            cfg = fmnist_config("clean", **kw)
             runs.append(RunSpec(f"{label}_s{seed}", "at", seed, cfg, setting=label))
-    desc = (f"Hard-label PGD-AT on Fashion-MNIST in {len(candidates)} settings along three axes: capacity (small CNN widths), "
-            f"training-set size and symmetric label noise on the training split; {len(seeds)} seed(s) each.")
+    desc = (f"Hard-label PGD-AT on Fashion-MNIST in {len(candidates)} settings along three axes: capacity (small CNN "
+            f"widths), training-set size and symmetric label noise on the training split; {len(seeds)} seed(s) each.")
     return Study(name, desc, runs, SEARCH_BASE["eps"], None, kind="search")
 
 
@@ -1191,8 +1199,9 @@ def search_table(out_dir: str | Path) -> Table:
         out.append({"setting": r["setting"], "model": _capacity(c), "train size": c.train_size,
                     "label noise %": round(100 * c.label_noise), "train robust acc last %": round(r["train_rob_last"], 1),
                     "best epoch": r["best_epoch"], "robust acc best %": round(r["rob_best"], 1),
-                    "last %": round(r["rob_last"], 1), "gap (pt)": round(r["gap"], 1), "CAS best": round(r["cas_best"], 1),
-                    "CAS last": round(r["cas_last"], 1), "ΔCAS": round(r["dcas"], 1), "ρ fall": round(r["rho_fall"], 2)})
+                    "last %": round(r["rob_last"], 1), "gap (pt)": round(r["gap"], 1),
+                    "CAS best": round(r["cas_best"], 1), "CAS last": round(r["cas_last"], 1), "ΔCAS": round(r["dcas"], 1),
+                    "ρ fall": round(r["rho_fall"], 2)})
     return Table(out, title=f"{study.name}: one run per setting (test split; best selected on validation)")
 
 
@@ -1210,14 +1219,18 @@ def plot_rice(out_dir: str | Path): # a search study directory
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for k, axis in enumerate(("base", "training-set size", "capacity (CNN width)", "label noise")):
         rs = [r for r in study_summary(out_dir) if _axis(cfgs[r["name"]]) == axis]
+        if not rs: continue
         ax.scatter(_col(rs, "train_rob_last"), _col(rs, "gap"), color=f"C{k}", label=axis, s=40)
-        for r in rs: ax.annotate(r["setting"], (r["train_rob_last"], r["gap"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        for r in rs:
+            ax.annotate(r["setting"], (r["train_rob_last"], r["gap"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.axhline(OVERFIT_GAP, color="tab:red", ls="--", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
     ax.set_xlabel("training robust accuracy at the last epoch (%)"); ax.set_ylabel("test robust acc best − last (pt)")
     ax.grid(alpha=0.3); ax.legend(fontsize=7); ax.set_title(f"{study.name}: overfitting against fit")
     fig.tight_layout()
     return fig
 
+
+# %% ../nbs/07_robust_overfitting.ipynb #bc635e5c
 def plot_gap_vs_noise(out_dir: str | Path): # a search study directory
     "Gap and ΔCAS against the label-noise rate, for the runs that differ from the base setting only in noise."
     plt = _plt()
@@ -1230,5 +1243,27 @@ def plot_gap_vs_noise(out_dir: str | Path): # a search study directory
     ax.axhline(OVERFIT_GAP, color="tab:red", ls=":", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
     ax.set_xlabel("training labels flipped (%)"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     ax.set_title(f"{study.name}: the label-noise axis"); fig.tight_layout()
+    return fig
+
+
+# %% ../nbs/07_robust_overfitting.ipynb #26043b27
+def plot_search(out_dir: str | Path): # a search study directory
+    "Training and test robust accuracy, and CAS, against epoch for each setting of a search (first seed of each)."
+    plt = _plt()
+    out = Path(out_dir); study = load_study(out)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    seen = set()
+    for s in study.runs:
+        if s.setting in seen or not run_finished(out / "runs" / s.name, s.config.epochs): continue
+        seen.add(s.setting); rows = load_metrics(out / "runs" / s.name); c = f"C{len(seen) - 1}"
+        e, v = _series(rows, "test_robust_acc", 100); a1.plot(e, v, color=c, label=f"{s.setting}: test")
+        e, v = _series(rows, "train_robust_acc", 100); a1.plot(e, v, ":", color=c, lw=1)
+        e, v = _series(rows, "cas"); a2.plot(e, v, color=c, label=s.setting)
+    cfg = study.runs[0].config
+    for ax in (a1, a2):
+        for d in _decays(cfg, cfg.epochs): ax.axvline(d, color="grey", ls=":", lw=1)
+        ax.set_xlabel("epoch"); ax.grid(alpha=0.3)
+    a1.set_ylabel("robust accuracy (%) (dotted: training)"); a2.set_ylabel("CAS"); a1.legend(fontsize=7); a2.legend(fontsize=7)
+    fig.suptitle(study.name); fig.tight_layout()
     return fig
 
