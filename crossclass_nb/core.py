@@ -51,8 +51,8 @@ def _cuda_index(dev: torch.device, env, count: int) -> int:
     local = int(env.get("LOCAL_RANK", "0")) if int(env.get("WORLD_SIZE", "1")) > 1 else 0
     index = (dev.index or 0) + local
     if index >= count:
-        raise InputError(f"device {str(dev)!r} on local rank {local} means GPU {index}, but {count} GPU(s) are visible: "
-                         "start fewer processes per node (--nproc_per_node) or ask for a lower index")
+        raise InputError(f"device {str(dev)!r} on local rank {local} means GPU {index}, but {count} GPU(s) are "
+                         "visible: start fewer processes per node (--nproc_per_node) or ask for a lower index")
     return index
 
 # %% ../nbs/00_core.ipynb #3522c85g
@@ -70,7 +70,8 @@ def get_device(device: str | torch.device | None = None, # explicit choice, e.g.
         raise InputError(f"device {str(choice)!r} asked for but CUDA is not available here: use device='cpu'")
     if dev.type == "mps" and not _mps_available():
         raise InputError(f"device {str(choice)!r} asked for but MPS is not available here: use device='cpu'")
-    if dev.type != "cuda" or (isinstance(device, torch.device) and dev.index is not None and dev.index < count): return dev
+    resolved = isinstance(device, torch.device) and dev.index is not None and dev.index < count
+    if dev.type != "cuda" or resolved: return dev
     return torch.device("cuda", _cuda_index(dev, env, count))
 
 # %% ../nbs/00_core.ipynb #47ab14b6

@@ -70,7 +70,8 @@ class Trainer:
     "A small callback-driven training loop (see the callbacks below for everything beyond the loop)."
     def __init__(self, model, loss_fn, opt, dl, epochs, cbs=(), start_epoch=0, amp="none", scaler=None,
                  attack_model=None, raw_model=None, channels_last=False):
-        self.model, self.loss_fn, self.opt, self.dl, self.n_epochs, self.start_epoch = model, loss_fn, opt, dl, epochs, start_epoch
+        self.model, self.loss_fn, self.opt, self.dl = model, loss_fn, opt, dl
+        self.n_epochs, self.start_epoch = epochs, start_epoch
         self.cbs, self.amp, self.channels_last = list(cbs), amp, channels_last
         self.raw = raw_model if raw_model is not None else model          # the plain module (saved, evaluated)
         self.attack_model = attack_model if attack_model is not None else self.raw
@@ -628,7 +629,8 @@ def evaluate(model: nn.Module, # the model (put in eval mode)
                 xa = attack(model, xb, yb)
                 with torch.no_grad(): la = model(xa).float()
         sums[0] += len(yb)                                    # a host number: no copy to the device, no wait
-        sums[1:3] += torch.stack([F.cross_entropy(lc, yb, reduction="sum"), (lc.argmax(1) == yb).sum().float()]).double()
+        clean = [F.cross_entropy(lc, yb, reduction="sum"), (lc.argmax(1) == yb).sum().float()]
+        sums[1:3] += torch.stack(clean).double()
         if attack is not None:
             sums[3:] += torch.stack([F.cross_entropy(la, yb, reduction="sum"), (la.argmax(1) == yb).sum().float()]).double()
             if keep_adv: advs.append(xa)
@@ -746,7 +748,8 @@ class CASCB(Callback):
         res = shared_report(t.attack_model, x, y, attack, self.classes, self.bs)
         t.row.update(cas=float(res.cas), cas_acc=float(res.accuracy))
         t.cas_result = res
-        if self.out_dir is not None and self.rank == 0: write_cas_record(self.out_dir, t.epoch + 1, res, self.split, self.attack)
+        if self.out_dir is not None and self.rank == 0:
+            write_cas_record(self.out_dir, t.epoch + 1, res, self.split, self.attack)
 
 # %% ../nbs/06_training.ipynb #1e5b8604
 def _nan_to_none(v): return None if isinstance(v, float) and math.isnan(v) else v
@@ -859,15 +862,15 @@ class FinalEvalCB(Callback):
 def epoch_cost(cfg: TrainConfig, # a config
                n_train: int, n_val: int, n_test: int, # sizes of the splits
               ) -> dict:
-    "Forward-and-backward passes of one image per epoch, by part of the epoch (the final evaluation averaged over epochs)."
+    "Forward-and-backward passes of one image per epoch, by part (the final evaluation averaged over the epochs)."
     inner = {"standard": 0, "pgd": cfg.steps, "trades": cfg.steps, "fgsm_rs": 1}[cfg.loss]
     def watched(n): return min(n, cfg.monitor_size or n)
     n_cas = n_test if cfg.cas_split == "test" else n_val
     reused = watched(n_cas) == n_cas and cfg.cas_every % cfg.eval_every == 0    # CAS on the evaluation's examples
     cas = n_cas * cfg.eval_steps / cfg.cas_every if cfg.cas_every and not reused else 0
     final = 2 * (n_val + n_test) * cfg.eval_steps / cfg.epochs if cfg.final_eval else 0
-    return {"training": n_train * (inner + 1), "monitoring": (watched(n_val) + watched(n_test)) * cfg.eval_steps / cfg.eval_every,
-            "CAS": cas, "final evaluation": final}
+    monitoring = (watched(n_val) + watched(n_test)) * cfg.eval_steps / cfg.eval_every
+    return {"training": n_train * (inner + 1), "monitoring": monitoring, "CAS": cas, "final evaluation": final}
 
 # %% ../nbs/06_training.ipynb #f1e2d3c7
 def require_tensorboard() -> None:
@@ -889,7 +892,8 @@ class TensorBoardCB(Callback):
         for k, v in t.row.items():
             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
-        if getattr(t, "cas_result", None) is not None: self.writer.add_figure("similarity_C", self.heat_map(t, step), step)
+        if getattr(t, "cas_result", None) is not None:
+            self.writer.add_figure("similarity_C", self.heat_map(t, step), step)
         self.writer.flush()
     def heat_map(self, t, step):
         from crossclass_nb.attribution import plot_similarity
@@ -1005,7 +1009,8 @@ def _setup_device(cfg: TrainConfig) -> torch.device:
 # %% ../nbs/06_training.ipynb #82c0822f
 COMPILE_RECOMPILE_LIMIT = 32
 
-def _make_models(cfg: TrainConfig, num_classes: int, input_shape: tuple, device, rank: int, ws: int, channels_last: bool):
+def _make_models(cfg: TrainConfig, num_classes: int, input_shape: tuple, device, rank: int, ws: int,
+                 channels_last: bool):
     "(raw model, model to train, model to attack): the plain module, its DDP and compiled forms."
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     raw = build_model(cfg, num_classes, input_shape).to(device)
@@ -1013,7 +1018,8 @@ def _make_models(cfg: TrainConfig, num_classes: int, input_shape: tuple, device,
     if ws > 1: torch.manual_seed(cfg.seed + 1_000_003 * rank)      # distinct attack noise per process
     if channels_last: raw = raw.to(memory_format=torch.channels_last)
     model = raw
-    if ws > 1: model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if ws > 1:
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     if not cfg.compile: return raw, model, raw
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     return raw, torch.compile(model), torch.compile(raw)
@@ -1048,11 +1054,13 @@ def _callbacks(cfg, splits, device, channels_last, schedule, info, run_dir, rank
     if cfg.cas_every: cbs.append(CASCB(cfg.cas_split, *full[cfg.cas_split], attack, cfg.cas_every, classes,
                                        run_dir if write else None, cfg.eval_batch_size, rank, ws))
     if cfg.kd != "none":
-        teacher = copy.deepcopy(raw) if cfg.kd == "ema" else _load_teacher(cfg, len(classes), splits["train"].x.shape[1:], device)
+        shape = splits["train"].x.shape[1:]
+        teacher = copy.deepcopy(raw) if cfg.kd == "ema" else _load_teacher(cfg, len(classes), shape, device)
         cbs.append(DistillCB(teacher, cfg.kd_decay if cfg.kd == "ema" else None, cfg.kd_temperature, cfg.kd_weight,
                              cfg.kd_start, cfg.kd_end))
     cbs.append(CheckpointCB(run_dir or ".", cfg, info, schedule, write=write, keep_best=cfg.final_eval))
-    if cfg.final_eval: cbs.append(FinalEvalCB(full, attack, cbs[-1], cfg.cas_split, classes, run_dir, cfg.eval_batch_size, rank, ws))
+    if cfg.final_eval:
+        cbs.append(FinalEvalCB(full, attack, cbs[-1], cfg.cas_split, classes, run_dir, cfg.eval_batch_size, rank, ws))
     if write and cfg.tensorboard: cbs.append(TensorBoardCB(run_dir, classes))
     if write and cfg.figures: cbs.append(FiguresCB(run_dir, cfg.milestones if cfg.schedule == "multistep" else ()))
     return cbs
@@ -1071,7 +1079,8 @@ def make_trainer(cfg: TrainConfig, # a validated config
     train_ds, classes = splits["train"], splits["train"].classes
     info = {"name": cfg.model, "num_classes": len(classes), "input_shape": list(train_ds.x.shape[1:]), "classes": list(classes)}
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    raw, model, attack_model = _make_models(cfg, len(classes), tuple(train_ds.x.shape[1:]), device, rank, ws, channels_last)
+    shape = tuple(train_ds.x.shape[1:])
+    raw, model, attack_model = _make_models(cfg, len(classes), shape, device, rank, ws, channels_last)
     opt = torch.optim.SGD(raw.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.epochs, list(cfg.milestones), cfg.gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -1081,7 +1090,8 @@ def make_trainer(cfg: TrainConfig, # a validated config
     if not quiet and rank == 0: callbacks.append(ProgressCB())
     t = Trainer(model, make_loss(cfg), opt, dl, cfg.epochs, callbacks + list(cbs), amp=cfg.amp, scaler=scaler,
                 attack_model=attack_model, raw_model=raw, channels_last=channels_last)
-    t.cfg, t.splits, t.device, t.rank, t.world_size, t.run_dir, t.owns_group = cfg, splits, device, rank, ws, run_dir, owns_group
+    t.cfg, t.splits, t.device, t.run_dir = cfg, splits, device, run_dir
+    t.rank, t.world_size, t.owns_group = rank, ws, owns_group
     ck_cb = next(cb for cb in callbacks if isinstance(cb, CheckpointCB))
     if checkpoint is not None: _restore(t, checkpoint, ck_cb, rank, ws)
     return t
