@@ -5,6 +5,7 @@
 # %% ../nbs/02_synthetic.ipynb #8be4ec89
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -21,7 +22,7 @@ __all__ = ['NORMS', 'MODELS', 'sample', 'symmetric_weight_matrix', 'weight_matri
            'surrogate_loss', 'vertex_loss', 'expected_max', 'robust_objective', 'sampled_objective', 'optimal_weights',
            'eps0', 'eps1', 'adv_correct_prob', 'robust_accuracy', 'plot_robust_accuracy', 'symmetric_objective',
            'optimal_full_weights', 'pgd_linear', 'train_linear', 'effective_weights', 'linear_cas', 'expected_cas',
-           'sweep', 'plot_weights', 'plot_cas', 'plot_theory', 'add_nuisance', 'pairwise_robust_ce',
+           'torch_threads', 'sweep', 'plot_weights', 'plot_cas', 'plot_theory', 'add_nuisance', 'pairwise_robust_ce',
            'robust_fit_history', 'plot_fit_history']
 
 # %% ../nbs/02_synthetic.ipynb #bc0401aa
@@ -573,6 +574,15 @@ def expected_cas(W: torch.Tensor, # (..., k, 2k) class-symmetric linear classifi
     return _cas(_cos_matrix((clean + eps * shift) * W))
 
 # %% ../nbs/02_synthetic.ipynb #a9e8372f
+@contextlib.contextmanager
+def torch_threads(n: int | None, # torch intra-op threads in the block (restored after); None: leave them
+                 ):
+    "Run a block with `n` torch threads: this chapter's tensors are tiny, and extra threads only add synchronisation."
+    before = torch.get_num_threads()
+    if n is not None: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
+
 def sweep(eps, # 1-d grid of radii (one classifier each)
           n: int = 2000, # training examples
           mu: float = 1.0, sigma: float = 1.0, # the data model
@@ -584,11 +594,8 @@ def sweep(eps, # 1-d grid of radii (one classifier each)
           threads: int | None = 1, # torch intra-op threads while it runs (restored after); None: leave as is
          ) -> dict:
     "Train one linear classifier per radius and measure it: a dict of tensors `eps, W, w, robust_acc, cas`."
-    if threads is None: return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)   # the tensors are tiny: extra threads only add synchronisation
-    try: return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
-    finally: torch.set_num_threads(before)
+    with torch_threads(threads):
+        return _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed)
 
 def _sweep(eps, n, mu, sigma, lam, alpha, loss, model, attack, norm, epochs, n_test, seed):
     eps = torch.as_tensor(eps, dtype=torch.float32).reshape(-1)
@@ -713,23 +720,25 @@ def robust_fit_history(x, y, # (n, d) training inputs and (n,) labels
                        steps: int = 1000, # gradient steps
                        lr: float = 0.1, # constant step size
                        points: int = 16, # how many log-spaced steps to record
+                       threads: int | None = 1, # torch threads while it runs (see `torch_threads`)
                       ) -> dict:
-    "Adversarially train a linear classifier (`pairwise_robust_ce`, no penalty) from W = 0; metrics at log-spaced steps."
+    "Train a linear classifier on `pairwise_robust_ce` (no penalty) from W = 0; metrics at log-spaced steps."
     k = int(y.max()) + 1
     record = set(np.unique(np.geomspace(1, steps, points).round().astype(int)).tolist())
     W = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
     history = []
-    for t in range(1, steps + 1):
-        grad, = torch.autograd.grad(pairwise_robust_ce(W, x, y, eps).mean(), W)
-        with torch.no_grad(): W -= lr * grad
-        if t in record: history.append(dict(step=t, **_fit_metrics(W.detach(), x, y, x_test, y_test, eps)))
+    with torch_threads(threads):
+        for t in range(1, steps + 1):
+            grad, = torch.autograd.grad(pairwise_robust_ce(W, x, y, eps).mean(), W)
+            with torch.no_grad(): W -= lr * grad
+            if t in record: history.append(dict(step=t, **_fit_metrics(W.detach(), x, y, x_test, y_test, eps)))
     return dict(eps=eps, W=W.detach(), **{key: np.array([h[key] for h in history]) for key in history[0]})
 
 # %% ../nbs/02_synthetic.ipynb #bfdb7d76
 def plot_fit_history(h: dict, # from `robust_fit_history`
                      title: str = "", # figure title
                     ):
-    "Robust accuracy (train and test) and CAS (clean and adversarial test examples) over training, the best step marked."
+    "Robust accuracy (train, test) and CAS (clean, adversarial test examples) over training; the best step marked."
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     best = h["step"][h["test_robust"].argmax()]
     ax1.plot(h["step"], h["train_robust"], "o-", ms=3, label="train, robust")

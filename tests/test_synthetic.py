@@ -13,7 +13,7 @@ from crossclass_nb.synthetic import (
     NORMS, add_nuisance, adv_correct_prob, block_weights, effective_weights, eps0, eps1, expected_cas, expected_max,
     linear_cas, margin_loss, optimal_full_weights, optimal_weights, pairwise_robust_ce, pgd_linear, plot_fit_history,
     plot_theory, robust_accuracy, robust_fit_history, robust_objective, sample, sampled_objective, surrogate_loss, sweep,
-    symmetric_objective, symmetric_weight_matrix, train_linear, vertex_loss, weight_matrix)
+    symmetric_objective, symmetric_weight_matrix, torch_threads, train_linear, vertex_loss, weight_matrix)
 
 
 @pytest.fixture(autouse=True)
@@ -359,3 +359,13 @@ def test_plot_fit_history():
     x, y = sample(30, seed=0, dtype=torch.float64)
     fig = plot_fit_history(robust_fit_history(x, y, x, y, steps=20, points=4), "t")
     assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log"
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError):
+        with torch_threads(2):
+            assert torch.get_num_threads() == 2
+            raise ValueError
+    assert torch.get_num_threads() == before
+    with torch_threads(None): assert torch.get_num_threads() == before
