@@ -800,6 +800,8 @@ CLAIMS = [
      "test": _claim_std},
 ]
 
+
+# %% ../nbs/07_robust_overfitting.ipynb #2215a3de
 def evaluate_claims(rows: list[dict], # `study_summary` rows
                     main_eps: float, # eps of the method comparison
                     eps_unit: float = 1.0, # display unit of eps
@@ -816,6 +818,7 @@ def evaluate_claims(rows: list[dict], # `study_summary` rows
                 "verdict": "not testable here" if v3 == "not testable here" else _combine([v3, v5]), "numbers": {}}
     n_seeds = len({r["seed"] for r in rows})
     return [dict(out[c["id"]], seeds=n_seeds) for c in CLAIMS]
+
 
 # %% ../nbs/07_robust_overfitting.ipynb #94038017
 class Table:
