@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
@@ -95,9 +96,12 @@ def process_notebooks(only: list[Path], n_workers: int = 2) -> Path:
     proc.mkdir(exist_ok=True)
     copy_site_files(proc)
     todo = [nb.resolve() for nb in only] or sorted(nbglob(nbs, func=Path))
-    with multiprocessing.get_context("spawn").Pool(min(n_workers, len(todo)), maxtasksperchild=1) as pool:
-        results = pool.starmap(execute_notebook, [(nb, proc / nb.name) for nb in todo], chunksize=1)
-    print("executed: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds, _ in results))
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # a fresh process for each notebook
+    results = []
+    with ProcessPoolExecutor(min(n_workers, len(todo)), mp_context=multiprocessing.get_context("spawn"), **fresh) as pool:
+        for done in as_completed([pool.submit(execute_notebook, nb, proc / nb.name) for nb in todo]):
+            results.append(done.result())  # not a daemon pool: a notebook may start processes of its own
+            print(f"executed {results[-1][0]} in {results[-1][1]:.0f} s", flush=True)
     failed = [(name, error) for name, _, error in results if error]
     for name, error in failed: print(f"\n{name} failed:\n{error}", file=sys.stderr)
     if failed: sys.exit(f"build_docs: {len(failed)} notebook(s) failed to run: {', '.join(n for n, _ in failed)}")
