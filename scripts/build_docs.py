@@ -25,6 +25,7 @@ from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
 from fastcore.basics import str2bool
+from fastcore.xtras import globtastic
 from nbdev.config import get_config
 from nbdev.doclinks import nbglob
 from nbdev.processors import FilterDefaults, exec_show_docs
@@ -80,9 +81,9 @@ def execute_notebook(src: Path, dst: Path) -> tuple[str, float, str]:
 
 
 def copy_site_files(proc: Path):
-    "Everything in nbs/ that the site needs besides the notebooks (`_quarto.yml`, `nbdev.yml`, pictures), as nbdev does."
+    "Everything in nbs/ the site needs besides the notebooks (`_quarto.yml`, `nbdev.yml`, pictures in subfolders)."
     nbs = get_config().nbs_path
-    files = nbglob(nbs, func=Path, file_glob="", skip_file_re=r"^[_.]|\.ipynb$")
+    files = globtastic(nbs, func=Path, recursive=True, skip_folder_re=r"^[_.]", skip_file_re=r"^[_.]|\.ipynb$")
     for f in files + [nbs / n for n in ("_quarto.yml", "_brand.yml") if (nbs / n).exists()]:
         (proc / f.relative_to(nbs)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, proc / f.relative_to(nbs))
