@@ -1029,7 +1029,7 @@ PAPER_SHRUNK = dict(train_size=2000, val_size=500, test_size=1000, epochs=6, mil
                     eval_every=1, cas_every=1, save_every=0) # the GPU recipe in minutes: a check that it runs, not a result
 
 STUDY_PRESETS = {
-    "fmnist-noise": dict(build=lambda seeds, methods: fmnist_study("noise", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
+    "fmnist-noise": dict(build=lambda seeds, methods: fmnist_study("noise", seeds, methods or tuple(METHODS)), seeds=(0, 1, 2), jobs=2),
     "fmnist-clean": dict(build=lambda seeds, methods: fmnist_study("clean", seeds, methods or tuple(METHODS)), seeds=(0, 1, 2), jobs=2),
     "fmnist-quick": dict(build=lambda seeds, methods: fmnist_study("quick", seeds, methods or tuple(METHODS)), seeds=(0, 1), jobs=2),
     "fmnist-regime-search": dict(build=lambda seeds, methods: search_study(seeds=seeds), seeds=(0,), jobs=2),

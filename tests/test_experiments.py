@@ -154,13 +154,13 @@ def test_study_directory_is_never_clobbered(tmp_path):
 
 
 def test_presets_and_seeds():
-    assert len(get_study("fmnist-noise").runs) == 14 and len(get_study("fmnist-clean").runs) == 21
+    assert len(get_study("fmnist-noise").runs) == 21 and len(get_study("fmnist-noise", seeds=(0, 1)).runs) == 14
     assert {r.config.label_noise for r in get_study().runs} == {0.3}                  # the default study overfits
     assert {r.config.label_noise for r in get_study("fmnist-clean").runs} == {0.0}
     assert all(r.config.data_seed == r.seed for r in get_study("fmnist-clean").runs)   # each seed its own subset
     assert min(r.config.test_size for r in get_study("fmnist-clean").runs) >= 2000
     kd = [r for r in get_study("fmnist-noise").runs if r.method == "kd_at"]
-    assert [r.teacher for r in kd] == ["at_eps0.1_s0", "at_eps0.1_s1"]
+    assert [r.teacher for r in kd] == ["at_eps0.1_s0", "at_eps0.1_s1", "at_eps0.1_s2"]
     assert parse_seeds("3") == (0, 1, 2) and parse_seeds("1,5") == (1, 5)
     with pytest.raises(InputError): parse_seeds("-1")
     assert RunSpec.from_dict(kd[0].to_dict()) == kd[0]
