@@ -1,6 +1,6 @@
 """DistributedDataParallel on the CPU: torchrun with 2 processes and the gloo backend, as on a multi-GPU machine.
 Checks that the data are sharded, metrics reduced over both processes, weights stay in sync, only rank 0 writes, and
-that `train` leaves no process group behind (it creates the group and destroys it after a barrier, run after run)."""
+that `train` leaves no process group behind (it creates the group and destroys it after a barrier)."""
 import json
 import os
 import socket
@@ -46,10 +46,11 @@ def test_ddp_two_processes_gloo(tmp_path):
         args += [str(tmp_path / f"{name}.json"), str(tmp_path / name), str(tmp_path / f"{name}_sums.json")]
     script = tmp_path / "ddp_train.py"; script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
+    for i in range(0, len(args), 3):     # one run per torchrun: train() creates the process group and destroys it
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", str(script), *args[i:i + 3]]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stderr[-3000:]
     for name, cfg in runs.items():
         run = tmp_path / name
         rows = load_metrics(run)
