@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import collections
-import contextvars
 import math
 import numbers
 from contextlib import contextmanager
@@ -18,11 +17,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .core import CrossclassError, InputError, check_images, parse_number
+from .core import CrossclassError, InputError, check_images, images_are_checked, images_checked, parse_number
 
 # %% auto #0
-__all__ = ['NORMS', 'AA_VERSIONS', 'attack_mode', 'trusted_inputs', 'pgd', 'OpCounter', 'fgsm', 'fgsm_rs', 'trades_adv', 'PGD',
-           'accuracy', 'MissingExtraError', 'autoattack_accuracy']
+__all__ = ['NORMS', 'AA_VERSIONS', 'attack_mode', 'pgd', 'OpCounter', 'fgsm', 'fgsm_rs', 'trades_adv', 'PGD', 'accuracy',
+           'MissingExtraError', 'autoattack_accuracy']
 
 # %% ../nbs/04_attacks.ipynb #baa5d340
 def _bn_statistics(model: nn.Module) -> list:
@@ -101,23 +100,13 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     if isinstance(head, nn.Linear): return head.out_features
     with attack_mode(model), torch.no_grad(): return model(x[:1].to(next(model.parameters()).device)).shape[1]
 
-# %% ../nbs/04_attacks.ipynb #9ad15aef
-_TRUSTED = contextvars.ContextVar("trusted_inputs", default=False)
-
-@contextmanager
-def trusted_inputs():
-    "Skip the checks that read data values back to the host (a device sync each), for data checked where they entered."
-    token = _TRUSTED.set(True)
-    try: yield
-    finally: _TRUSTED.reset(token)
-
 # %% ../nbs/04_attacks.ipynb #5f93702c
 def _check_data(model: nn.Module, # the model the data are for
                 x, # images, values in [0, 1]
                 y, # labels, integers in [0, number of classes)
                ) -> torch.Tensor:
-    "Check images and labels for `model` (their values only outside `trusted_inputs`); returns the labels as int64."
-    trusted = _TRUSTED.get()
+    "Check images and labels for `model` (their values only outside `images_checked`); returns the labels as int64."
+    trusted = images_are_checked()
     if not trusted: check_images(x)
     y = _check_labels(y, x)
     if not trusted: _check_classes(y, _num_classes(model, x))
@@ -274,7 +263,7 @@ def trades_adv(model: nn.Module, # classifier taking images in [0, 1]
                *, train_mode: bool = False, # attack in train mode (the TRADES code uses eval mode)
               ) -> torch.Tensor:
     "TRADES inner maximisation: x' in the eps-ball maximising KL(p(x) || p(x'))."
-    x = (x if _TRUSTED.get() else check_images(x)).detach()
+    x = (x if images_are_checked() else check_images(x)).detach()
     if x.is_inference(): x = x.clone()
     eps, alpha, steps, norm = _check_budget(eps, alpha, steps, norm, 1, x)
     with attack_mode(model, train_mode), torch.enable_grad():
@@ -344,7 +333,7 @@ def accuracy(model: nn.Module, # classifier taking images in [0, 1]
         for xb, yb in _checked_batches(model, x, y, batch_size):
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             if attack is not None:
-                with trusted_inputs(): xb = attack(model, xb, yb)
+                with images_checked(): xb = attack(model, xb, yb)
             with torch.no_grad(): correct += (model(xb).argmax(1) == yb).sum()
             total += len(yb)
     if total == 0: raise InputError("no examples to evaluate: the data is empty")

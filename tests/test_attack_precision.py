@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crossclass_nb.attacks import (PGD, OpCounter, _input_grad, accuracy, fgsm, fgsm_rs, pgd, trades_adv,
-                                   trusted_inputs)
-from crossclass_nb.core import InputError
+from crossclass_nb.attacks import PGD, OpCounter, _input_grad, accuracy, fgsm, fgsm_rs, pgd, trades_adv
+from crossclass_nb.core import InputError, images_checked
 from crossclass_nb.models import get_model
 
 torch.set_num_threads(1)
@@ -156,7 +155,7 @@ def test_attack_and_evaluation_loops_read_nothing_back(monkeypatch):
     one, eight = (host_reads(monkeypatch, lambda: accuracy(model, x, y, attack=attack, batch_size=b)) for b in (24, 3))
     assert one == eight  # checks once where the data enter, then nothing per batch
     batches = list(zip(x.split(3), y.split(3)))
-    with trusted_inputs():  # data checked when they were loaded: the loop reads only its result
+    with images_checked():  # data checked when they were loaded: the loop reads only its result
         assert host_reads(monkeypatch, lambda: accuracy(model, batches, attack=attack)) == 1
         for run in (lambda: pgd(model, x, y, 0.1, 0.03, 2), lambda: pgd(model, x, y, 0.1, 0.03, 2, restarts=2),
                     lambda: fgsm_rs(model, x, y, 0.1), lambda: trades_adv(model, x, 0.1, 0.03, 2)):

@@ -185,7 +185,7 @@ DRAWS = {"subplots", "figure", "plot", "imshow", "matshow", "bar", "barh", "hist
 SHOWS = {"print", "display", "show_doc"}
 RETURNS_NONE = {"show", "close", "tight_layout", "savefig", "seed", "manual_seed", "set_num_threads", "sleep", "append",
                 "extend", "update", "sort", "mkdir", "unlink", "touch", "rmtree", "simplefilter", "filterwarnings",
-                "write_text", "write_bytes", "setattr"}
+                "write_text", "write_bytes", "setattr", "insert"}
 HIDDEN = {"hide", "export", "exporti", "exports", "default_exp"}  # cells nbdev leaves off the page
 
 
