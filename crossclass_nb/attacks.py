@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .core import CrossclassError, InputError, check_images, images_are_checked, images_checked, parse_number
+from .core import (CrossclassError, InputError, MissingExtraError, check_images, images_are_checked,
+                                images_checked, parse_number)
 
 # %% auto #0
 __all__ = ['NORMS', 'AA_VERSIONS', 'attack_mode', 'pgd', 'OpCounter', 'fgsm', 'fgsm_rs', 'trades_adv', 'PGD', 'accuracy',
-           'MissingExtraError', 'autoattack_accuracy']
+           'autoattack_accuracy']
 
 # %% ../nbs/04_attacks.ipynb #baa5d340
 def _bn_statistics(model: nn.Module) -> list:
@@ -340,9 +341,6 @@ def accuracy(model: nn.Module, # classifier taking images in [0, 1]
     return correct.item() / total
 
 # %% ../nbs/04_attacks.ipynb #2b816539
-class MissingExtraError(CrossclassError, ImportError):
-    "An optional dependency of the package is not installed."
-
 AA_VERSIONS = ("standard", "cheap")
 
 def _torchattacks():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .core import CrossclassError, InputError
+from .core import CrossclassError, InputError, MissingExtraError
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'build_parser', 'main']
@@ -290,7 +290,6 @@ def _add_eval(sub):
 # %% ../nbs/09_cli.ipynb #019e56d3
 def _autoattack_version(requested: str | None) -> str:
     "The AutoAttack version to run: the one asked for; by default `cheap` if torchattacks is installed, else none."
-    from crossclass_nb.attacks import MissingExtraError
     installed = importlib.util.find_spec("torchattacks") is not None
     if requested is None and not installed:
         print('crossclass eval: PGD only; AutoAttack needs torchattacks: pip install -e ".[eval]"', file=sys.stderr)

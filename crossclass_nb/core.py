@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'get_device', 'set_seed',
-           'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save', 'atomic_write_text', 'safe_load',
-           'parse_number', 'check_images', 'images_checked', 'images_are_checked']
+__all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError', 'get_device',
+           'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save', 'atomic_write_text',
+           'safe_load', 'parse_number', 'check_images', 'images_checked', 'images_are_checked']
 
 # %% ../nbs/00_core.ipynb #e6f561e8
 class CrossclassError(Exception):
@@ -36,6 +36,9 @@ class CheckpointError(CrossclassError):
 
 class RunDirError(CrossclassError):
     "A run directory cannot be used as asked (exists, locked, not writable)."
+
+class MissingExtraError(CrossclassError, ImportError):
+    "An optional dependency is not installed: the message names the extra that brings it, e.g. `pip install -e \".[eval]\"`."
 
 # %% ../nbs/00_core.ipynb #3522c85f
 def _mps_available() -> bool:

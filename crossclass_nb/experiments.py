@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .core import CrossclassError, InputError, RunDirError, atomic_write_text, get_device
-from .launchers import LAUNCHERS, Job, _check_launch, launch, report_progress
+from .launchers import LAUNCHERS, Job, check_launch, launch, report_progress
 from .training import Callback, TrainConfig, get_config, load_metrics, run_dir_state, train
 
 # %% auto #0
@@ -354,7 +354,7 @@ def run_study(study: Study, # the runs
     out = Path(out_dir)
     if quiet is None: quiet = "PYTEST_CURRENT_TEST" in os.environ or os.environ.get("CROSSCLASS_QUIET") == "1"
     launcher = launcher or ("inline" if jobs == 1 else "processes")
-    _check_launch(launcher, jobs, out / "logs")          # a bad launcher or a missing extra: nothing written
+    check_launch(launcher, jobs, out / "logs")          # a bad launcher or a missing extra: nothing written
     _prepare_out(out, study, resume, overwrite)
     work = study_jobs(study, out, device, data_root)
     prog = StudyProgress(sum(s.config.epochs for s in study.runs), _epochs_done(study, out), quiet)

@@ -20,12 +20,11 @@ from typing import Callable
 
 import torch
 
-from .attacks import MissingExtraError
-from .core import CrossclassError, InputError
+from .core import CrossclassError, InputError, MissingExtraError
 
 # %% auto #0
 __all__ = ['LOCAL_TIMEOUT_MIN', 'SLURM_POLL_S', 'LAUNCHERS', 'Job', 'JobError', 'job_order', 'TimedCall', 'report_progress',
-           'schedule', 'slurm_executor', 'torchrun_command', 'run_pickled', 'run_torchrun', 'launch']
+           'schedule', 'slurm_executor', 'torchrun_command', 'run_pickled', 'run_torchrun', 'check_launch', 'launch']
 
 # %% ../nbs/11_launchers.ipynb #54f295d4
 @dataclass
@@ -333,7 +332,7 @@ def _run_slurm(order: list[Job], log_dir: Path, slurm: dict, on_done: Callable) 
 # %% ../nbs/11_launchers.ipynb #7670c43e
 LAUNCHERS = ("inline", "processes", "local", "slurm")
 
-def _check_launch(launcher: str, workers: int, log_dir) -> None:
+def check_launch(launcher: str, workers: int, log_dir) -> None:
     "Refuse a launch that cannot work before anything starts."
     if launcher not in LAUNCHERS: raise InputError(f"unknown launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -353,7 +352,7 @@ def launch(jobs: list[Job], # the jobs; each starts once the jobs named in its `
            on_progress: Callable | None = None, # gets what a job passes to `report_progress` ("inline", "processes")
           ) -> dict:
     "Run every job once the jobs it needs have succeeded; returns {name: seconds, or the exception that stopped it}."
-    _check_launch(launcher, workers, log_dir)
+    check_launch(launcher, workers, log_dir)
     order, on_done = job_order(jobs), on_done or (lambda name, result: None)
     if launcher == "inline": return _run_inline(order, on_done, on_progress)
     if launcher == "processes":

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import CheckpointError, InputError, safe_load
+from .core import CheckpointError, InputError, MissingExtraError, safe_load
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ZOO_SOURCES', 'Normalize', 'Classifier', 'GridPool', 'conv_bn_relu', 'small_cnn_body', 'PreActBlock',
@@ -244,7 +244,6 @@ ZOO_SOURCES = ("torchvision", "timm")
 def _timm():
     try: import timm
     except ImportError:
-        from crossclass_nb.attacks import MissingExtraError
         raise MissingExtraError('timm models need timm, an optional extra: pip install -e ".[zoo]" '
                                 '(or pip install timm)') from None
     return timm
@@ -467,7 +466,6 @@ def load_arch(spec: str, # "torchvision:NAME", "timm:NAME" or "package.module:ca
 # %% ../nbs/03_models.ipynb #8e6e3fbd
 def _robustbench():
     "robustbench's loader, its model registry and its enums, or a `MissingExtraError` that names the extra."
-    from crossclass_nb.attacks import MissingExtraError
     try:
         if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
             # robustbench imports `autoattack`, which PyPI distributes as `pyautoattack`: the same modules, renamed

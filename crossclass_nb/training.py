@@ -26,12 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .core import (CheckpointError, CrossclassError, InputError, RunDirError, atomic_torch_save,
-                                atomic_write, atomic_write_text, get_device, get_rng_state, images_checked, safe_load,
-                                set_rng_state, set_seed)
+from .core import (CheckpointError, CrossclassError, InputError, MissingExtraError, RunDirError,
+                                atomic_torch_save, atomic_write, atomic_write_text, get_device, get_rng_state,
+                                images_checked, safe_load, set_rng_state, set_seed)
 from .data import DATASET_NAMES, DATASET_STATS, TensorLoader, load_dataset, stratified_subset, train_val_split
 from .models import MODEL_NAMES, check_model_name, get_model
-from .attacks import PGD, MissingExtraError, fgsm_rs, pgd, trades_adv
+from .attacks import PGD, fgsm_rs, pgd, trades_adv
 from .attribution import ClassSums, class_sums, report_from_sums, write_cas_record
 
 # %% auto #0

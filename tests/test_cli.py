@@ -260,7 +260,7 @@ def test_one_model_source(resnet_weights, tmp_path, capsys, trained):
 
 def test_cas_of_a_robustbench_model_offline(resnet_weights, tmp_path, capsys):
     "--robustbench NAME with a checkpoint placed in RobustBench's model-directory layout: nothing is downloaded."
-    from crossclass_nb.attacks import MissingExtraError
+    from crossclass_nb.core import MissingExtraError
     from crossclass_nb.models import _robustbench
     try: _, registry, enums = _robustbench()
     except MissingExtraError as e: pytest.skip(str(e))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crossclass_nb import launchers
-from crossclass_nb.attacks import MissingExtraError
+from crossclass_nb.core import MissingExtraError
 from crossclass_nb.core import InputError
 from crossclass_nb.launchers import Job, JobError, TimedCall, launch, slurm_executor
 

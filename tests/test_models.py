@@ -148,7 +148,7 @@ def test_small_cnn_unchanged_by_the_pool():
 
 # --- RobustBench through the optional extra, offline: a checkpoint placed in its model directory
 def test_load_robustbench_offline(tmp_path):
-    from crossclass_nb.attacks import MissingExtraError
+    from crossclass_nb.core import MissingExtraError
     from crossclass_nb.models import _robustbench, load_robustbench
     try: _, registry, enums = _robustbench()
     except MissingExtraError: pytest.skip("robustbench (extra [zoo]) is not installed")
@@ -166,7 +166,7 @@ def test_load_robustbench_offline(tmp_path):
 
 def test_missing_extra_is_named(monkeypatch):
     import sys
-    from crossclass_nb.attacks import MissingExtraError
+    from crossclass_nb.core import MissingExtraError
     from crossclass_nb.models import load_robustbench
     monkeypatch.setitem(sys.modules, "robustbench", None)                # as if it were not installed
     with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[zoo\]"'): load_robustbench("Wong2020Fast")

@@ -4,7 +4,7 @@ import builtins
 
 import pytest
 
-from crossclass_nb.attacks import MissingExtraError
+from crossclass_nb.core import MissingExtraError
 from crossclass_nb.training import get_config, load_metrics, train
 
 
