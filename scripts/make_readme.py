@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -129,7 +130,11 @@ def draw_story(study_dir: Path = STUDY, path: Path = FIGURE) -> Path:
 def same_figure(a: Path, b: Path) -> bool:
     "Whether two PNGs show the same picture (matplotlib's own image comparison, small tolerance)."
     from matplotlib.testing.compare import compare_images
-    return a.is_file() and b.is_file() and compare_images(str(a), str(b), tol=2) is None
+    if not (a.is_file() and b.is_file()): return False
+    with tempfile.TemporaryDirectory() as tmp:  # compare_images writes a *-failed-diff.png beside its input
+        copy = Path(tmp) / a.name
+        shutil.copyfile(a, copy)
+        return compare_images(str(b), str(copy), tol=2) is None
 
 
 # ------------------------------------------------------------------------------------ the index and the README
