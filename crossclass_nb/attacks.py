@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .core import (CrossclassError, InputError, MissingExtraError, check_images, images_are_checked,
-                                images_checked, parse_number)
+                                images_checked, import_extra, parse_number)
 
 # %% auto #0
 __all__ = ['NORMS', 'AA_VERSIONS', 'attack_mode', 'pgd', 'OpCounter', 'fgsm', 'fgsm_rs', 'trades_adv', 'PGD', 'accuracy',
@@ -343,12 +343,7 @@ def accuracy(model: nn.Module, # classifier taking images in [0, 1]
 # %% ../nbs/04_attacks.ipynb #2b816539
 AA_VERSIONS = ("standard", "cheap")
 
-def _torchattacks():
-    try: import torchattacks
-    except ImportError:
-        raise MissingExtraError('autoattack_accuracy needs torchattacks, an optional extra: pip install -e ".[eval]" '
-                                '(or pip install torchattacks)') from None
-    return torchattacks
+def _torchattacks(): return import_extra("torchattacks", "eval", "autoattack_accuracy")
 
 # %% ../nbs/04_attacks.ipynb #e7300c3c
 def _autoattack(model, eps: float, norm: str, version: str, num_classes: int, seed: int):

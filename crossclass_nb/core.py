@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 import random
 import tempfile
@@ -17,9 +18,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError', 'get_device',
-           'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save', 'atomic_write_text',
-           'safe_load', 'parse_number', 'check_images', 'images_checked', 'images_are_checked']
+__all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError', 'import_extra',
+           'get_device', 'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save',
+           'atomic_write_text', 'safe_load', 'parse_number', 'check_images', 'images_checked', 'images_are_checked']
 
 # %% ../nbs/00_core.ipynb #e6f561e8
 class CrossclassError(Exception):
@@ -39,6 +40,16 @@ class RunDirError(CrossclassError):
 
 class MissingExtraError(CrossclassError, ImportError):
     "An optional dependency is not installed: the message names the extra that brings it, e.g. `pip install -e \".[eval]\"`."
+
+def import_extra(module: str, # the module to import, e.g. "torchattacks"
+                 extra: str, # the package's extra that installs it, e.g. "eval"
+                 needed_by: str, # what needs it, for the message, e.g. "autoattack_accuracy"
+                ):
+    "Import an optional dependency, or raise `MissingExtraError` naming the extra that installs it."
+    try: return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f'{needed_by} needs {module}, an optional extra: pip install -e ".[{extra}]" '
+                                f'(or pip install {module})') from None
 
 # %% ../nbs/00_core.ipynb #3522c85f
 def _mps_available() -> bool:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import CheckpointError, InputError, MissingExtraError, safe_load
+from .core import CheckpointError, InputError, MissingExtraError, import_extra, safe_load
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ZOO_SOURCES', 'Normalize', 'Classifier', 'GridPool', 'conv_bn_relu', 'small_cnn_body', 'PreActBlock',
@@ -241,12 +241,7 @@ MODEL_NAMES = tuple(_BODIES)
 # %% ../nbs/03_models.ipynb #227f5ef1
 ZOO_SOURCES = ("torchvision", "timm")
 
-def _timm():
-    try: import timm
-    except ImportError:
-        raise MissingExtraError('timm models need timm, an optional extra: pip install -e ".[zoo]" '
-                                '(or pip install timm)') from None
-    return timm
+def _timm(): return import_extra("timm", "zoo", "timm models")
 
 def _zoo_names(source: str) -> list[str]:
     "The classification architectures that `source` can build."
