@@ -32,15 +32,16 @@ from .training import Callback, TrainConfig, get_config, load_metrics, run_dir_s
 # %% auto #0
 __all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER_CIFAR100', 'FMNIST_SCALES', 'STUDY_FILES',
            'EARLY_FRACTION', 'VERDICTS', 'OVERFIT_GAP', 'CONFIDENCE', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS',
-           'PAPER_SHRUNK', 'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'REGIME_SEARCH', 'method_overrides',
-           'eps_overrides', 'RunSpec', 'Study', 'make_study', 'fmnist_config', 'fmnist_study', 'paper_study',
-           'run_finished', 'ReportCB', 'train_spec', 'train_job', 'StudyProgress', 'study_jobs', 'run_study',
-           'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record', 'load_study', 'study_summary', 'mean_sd',
-           'fmt_spread', 'plot_run_curves', 'plot_run_matrices', 'plot_per_class', 'plot_methods', 'plot_eps_sweep',
-           'mean_ci', 'direction', 'fmt_ci', 'sign_verdict', 'parts_verdict', 'overfits', 'evaluate_claims', 'Table',
-           'methods_table', 'eps_table', 'paper_table', 'claims_table', 'analyse_study', 'make_light', 'report_figures',
-           'write_report', 'get_study', 'parse_seeds', 'reproduce', 'add_reproduce_parser', 'run_reproduce',
-           'search_study', 'search_table', 'plot_rice', 'plot_gap_vs_noise', 'plot_search']
+           'PAPER_SHRUNK', 'STUDY_PRESETS', 'CLI_SUBCOMMANDS', 'SEARCH_BASE', 'LONG_SCHEDULE', 'REGIME_SEARCH',
+           'method_overrides', 'eps_overrides', 'RunSpec', 'Study', 'make_study', 'fmnist_config', 'fmnist_study',
+           'paper_study', 'run_finished', 'ReportCB', 'train_spec', 'train_job', 'StudyProgress', 'study_jobs',
+           'run_study', 'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record', 'load_study', 'study_summary',
+           'mean_sd', 'fmt_spread', 'plot_run_curves', 'plot_run_matrices', 'plot_per_class', 'plot_methods',
+           'plot_eps_sweep', 'mean_ci', 'direction', 'fmt_ci', 'sign_verdict', 'parts_verdict', 'overfits',
+           'evaluate_claims', 'Table', 'methods_table', 'eps_table', 'paper_table', 'claims_table', 'analyse_study',
+           'make_light', 'report_figures', 'write_report', 'get_study', 'parse_seeds', 'reproduce',
+           'add_reproduce_parser', 'run_reproduce', 'search_study', 'search_table', 'plot_rice', 'plot_gap_vs_noise',
+           'plot_search']
 
 # %% ../nbs/07_robust_overfitting.ipynb #b2cab781
 METHODS = {
@@ -1159,6 +1160,7 @@ CLI_SUBCOMMANDS = [add_reproduce_parser]
 
 # %% ../nbs/07_robust_overfitting.ipynb #2b5159c7
 SEARCH_BASE = dict(FMNIST_SCALES["clean"], test_size=1000)
+LONG_SCHEDULE = dict(epochs=200, milestones=[100, 150], eval_every=10, cas_every=10)
 REGIME_SEARCH = {
     "mlp-n300": {},
     "mlp-n300-noise10": {"label_noise": 0.1},
@@ -1169,6 +1171,12 @@ REGIME_SEARCH = {
     "cnn16-n300": {"model": "small_cnn", "model_kwargs": {"width": 16}},
     "cnn32-n300": {"model": "small_cnn", "model_kwargs": {"width": 32}},
     "mlp-n3000": {"train_size": 3000},
+    "mlp-n100": {"train_size": 100},
+    "mlp2048-n300": {"model_kwargs": {"hidden": [2048, 2048]}},
+    "cnn64-n300": {"model": "small_cnn", "model_kwargs": {"width": 64}},
+    "mlp-n300-e200": LONG_SCHEDULE,
+    "mlp2048-n300-e200": {"model_kwargs": {"hidden": [2048, 2048]}, **LONG_SCHEDULE},
+    "cnn64-n300-e200": {"model": "small_cnn", "model_kwargs": {"width": 64}, **LONG_SCHEDULE},
 }
 
 def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides of `SEARCH_BASE`
@@ -1182,8 +1190,9 @@ def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides o
             kw = {**SEARCH_BASE, **overrides, "seed": seed, "data_seed": seed, "name": f"{name}:{label}"}
             cfg = fmnist_config("clean", **kw)
             runs.append(RunSpec(f"{label}_s{seed}", "at", seed, cfg, setting=label))
-    desc = (f"Hard-label PGD-AT on Fashion-MNIST in {len(candidates)} settings along three axes: capacity (small CNN "
-            f"widths), training-set size and symmetric label noise on the training split; {len(seeds)} seed(s) each.")
+    desc = (f"Hard-label PGD-AT on Fashion-MNIST in {len(candidates)} settings along four axes: capacity (MLP and "
+            f"small-CNN widths), schedule length, training-set size and symmetric label noise on the "
+            f"training split; {len(seeds)} seed(s) each.")
     return Study(name, desc, runs, SEARCH_BASE["eps"], None, kind="search")
 
 
@@ -1212,7 +1221,8 @@ def search_table(out_dir: str | Path) -> Table:
 def _axis(c: TrainConfig) -> str:
     "Which axis of the search a config varies (against `SEARCH_BASE`)."
     if c.label_noise: return "label noise"
-    if c.model != SEARCH_BASE["model"]: return "capacity (CNN width)"
+    if c.epochs != SEARCH_BASE["epochs"]: return "longer schedule"
+    if c.model != SEARCH_BASE["model"] or c.model_kwargs != SEARCH_BASE["model_kwargs"]: return "capacity (width)"
     return "training-set size" if c.train_size != SEARCH_BASE["train_size"] else "base"
 
 def plot_rice(out_dir: str | Path): # a search study directory
@@ -1220,7 +1230,7 @@ def plot_rice(out_dir: str | Path): # a search study directory
     plt = _plt()
     study = load_study(out_dir); cfgs = {s.name: s.config for s in study.runs}
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for k, axis in enumerate(("base", "training-set size", "capacity (CNN width)", "label noise")):
+    for k, axis in enumerate(("base", "training-set size", "capacity (width)", "longer schedule", "label noise")):
         rs = [r for r in study_summary(out_dir) if _axis(cfgs[r["name"]]) == axis]
         if not rs: continue
         ax.scatter(_col(rs, "train_rob_last"), _col(rs, "gap"), color=f"C{k}", label=axis, s=40)
