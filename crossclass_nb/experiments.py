@@ -239,6 +239,14 @@ def run_finished(run_dir: str | Path, # a run directory
     except CrossclassError: return False
     return bool(rows) and rows[-1]["epoch"] >= epochs
 
+def _check_same_runs(out: Path, study: Study) -> None:
+    "Resuming keeps every stored run unchanged (settings added to `TrainConfig` since then take their defaults)."
+    stored = Study.from_dict(json.loads((out / "study.json").read_text()))
+    configs = {r.name: r.config for r in study.runs}
+    if stored.name != study.name or any(configs.get(r.name) != r.config for r in stored.runs):
+        raise RunDirError(f"{out} holds another study ({stored.name}, {len(stored.runs)} runs): resume it with "
+                          "the same options, or choose another directory")
+
 def _prepare_out(out: Path, study: Study, resume: bool, overwrite: bool) -> None:
     "Check the output directory (never clobber anything by surprise) and write study.json."
     if resume and overwrite: raise InputError("--resume and --overwrite exclude each other: resume continues, overwrite starts again")
@@ -249,11 +257,7 @@ def _prepare_out(out: Path, study: Study, resume: bool, overwrite: bool) -> None
         if not (resume or overwrite):
             raise RunDirError(f"{out} already holds a study: pass --resume to continue it, --overwrite to start again, "
                               "or choose another directory")
-        if resume:   # the same runs, or more of them (e.g. another seed); never a changed one
-            old, new = json.loads((out / "study.json").read_text()), {r.name: r.to_dict() for r in study.runs}
-            if old["name"] != study.name or any(r["name"] not in new or new[r["name"]]["config"] != r["config"] for r in old["runs"]):
-                raise RunDirError(f"{out} holds another study ({old['name']}, {len(old['runs'])} runs): resume it with "
-                                  "the same options, or choose another directory")
+        if resume: _check_same_runs(out, study)
         if overwrite:
             shutil.rmtree(out / "runs", ignore_errors=True)
             for f in STUDY_FILES: (out / f).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from crossclass_nb.core import InputError, RunDirError
-from crossclass_nb.experiments import (CLAIMS, METHODS, SOFT_METHODS, VERDICTS, RunSpec, Study, Table, direction,
+from crossclass_nb.experiments import (_prepare_out, CLAIMS, METHODS, SOFT_METHODS, VERDICTS, RunSpec, Study, Table, direction,
                                        evaluate_claims, fmnist_config, fmnist_study, get_study, make_light, make_study, mean_ci,
                                        overfits, parse_seeds, parts_verdict, run_study, run_summary, sign_verdict, spearman,
                                        study_summary, write_report)
@@ -151,6 +151,17 @@ def test_study_directory_is_never_clobbered(tmp_path):
     with pytest.raises(RunDirError, match="holds another study"): run_study(study, tmp_path / "s", resume=True)
     with pytest.raises(InputError, match="exclude each other"): run_study(study, tmp_path / "s", resume=True, overwrite=True)
     assert (tmp_path / "mine/notes.txt").read_text() == "x"
+
+
+def test_resume_accepts_a_study_stored_before_new_config_settings(tmp_path):
+    "A study.json written before a `TrainConfig` setting existed resumes (the setting takes its default); a changed run does not."
+    study = fmnist_study("quick", seeds=(0,), methods=("at",), sweep_eps=())
+    stored = study.to_dict()
+    for run in stored["runs"]: del run["config"]["final_eval"]
+    (tmp_path / "runs").mkdir(); (tmp_path / "study.json").write_text(json.dumps(stored))
+    _prepare_out(tmp_path, study, resume=True, overwrite=False)
+    changed = fmnist_study("quick", seeds=(0,), methods=("at",), sweep_eps=(), lr=0.01)
+    with pytest.raises(RunDirError, match="holds another study"): _prepare_out(tmp_path, changed, resume=True, overwrite=False)
 
 
 def test_presets_and_seeds():
