@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +21,6 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def snapshot(d: Path):
-    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*")} if d.exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def test_train_writes_a_run(trained):
         assert (trained / f).exists(), f
 
 
-def test_train_refuses_existing_run_and_resumes(trained, tmp_path, capsys):
+def test_train_refuses_existing_run_and_resumes(trained, tmp_path, capsys, snapshot):
     before = snapshot(trained)
     code, out, err = run(capsys, "train", "--preset", "fmnist-tiny", "--out", trained)
     assert code == 2 and "already holds a run" in err and err.count("\n") == 1
@@ -108,7 +103,7 @@ def test_eval_runs_autoattack_by_default_with_the_extra(trained, tmp_path, capsy
     assert r["autoattack"] == "cheap" and 0 <= r["autoattack_acc"] <= r["pgd_acc"] + 0.1
 
 
-def test_eval_without_the_extra_runs_pgd_and_says_so(trained, tmp_path, capsys, monkeypatch):
+def test_eval_without_the_extra_runs_pgd_and_says_so(trained, tmp_path, capsys, monkeypatch, snapshot):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # as on an installation without [eval]
     code, out, err = run(capsys, "eval", trained, "--n", "50", "--out", tmp_path)
     assert code == 0 and err.count("\n") == 1 and "PGD only" in err and '.[eval]' in err, err
@@ -160,7 +155,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,msg", BAD)
-def test_bad_input_one_line_exit_2(argv, msg, tmp_path, capsys):
+def test_bad_input_one_line_exit_2(argv, msg, tmp_path, capsys, snapshot):
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     before = snapshot(tmp_path)
@@ -246,7 +241,7 @@ def test_robustbench_arguments_reach_the_loader(resnet_weights, tmp_path, capsys
     assert json.loads((tmp_path / "Standard.cas.json").read_text())["checkpoint"] == "Standard"
 
 
-def test_one_model_source(resnet_weights, tmp_path, capsys, trained):
+def test_one_model_source(resnet_weights, tmp_path, capsys, trained, snapshot):
     d = resnet_weights
     for argv, words in [(["cas"], "say which model"),
                         (["cas", trained, "--arch", "torchvision:resnet18"], "exclude each other"),

@@ -24,11 +24,6 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-def snapshot(d: Path) -> dict:
-    "Every file under d with its size and content hash, to prove a failed call changed nothing on disk."
-    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(autouse=True)
 def no_data_env(monkeypatch):
     monkeypatch.delenv("CROSSCLASS_DATA", raising=False)
@@ -123,7 +118,7 @@ def test_env_var_then_debian(tmp_path, monkeypatch):
     assert len(load_dataset("fashion_mnist", train=False, root=tmp_path/"empty-root")) == 10000  # then Debian
 
 
-def test_missing_everywhere_says_where_and_how(tmp_path, no_system_data, monkeypatch):
+def test_missing_everywhere_says_where_and_how(tmp_path, no_system_data, monkeypatch, snapshot):
     monkeypatch.setenv("CROSSCLASS_DATA", str(tmp_path/"env-dir"))
     (tmp_path/"root").mkdir()
     before = snapshot(tmp_path)
@@ -201,7 +196,7 @@ CORRUPTIONS = [  # (file, change, what the message must say)
 
 
 @pytest.mark.parametrize("name,mutate,says", CORRUPTIONS, ids=[f"{c[0]}-{c[2][:24]}" for c in CORRUPTIONS])
-def test_corrupted_idx_is_refused(real_copy, tmp_path, name, mutate, says):
+def test_corrupted_idx_is_refused(real_copy, tmp_path, name, mutate, says, snapshot):
     d = broken_dir(real_copy, tmp_path, name, mutate)
     before = snapshot(d)
     with pytest.raises(DataError) as e:
@@ -286,7 +281,7 @@ def test_cifar_matches_torchvision(tmp_path, monkeypatch):
     assert ours.y.tolist() == tv.targets and ours.classes == tv.classes
 
 
-def test_cifar_missing(tmp_path, monkeypatch):
+def test_cifar_missing(tmp_path, monkeypatch, snapshot):
     before = snapshot(tmp_path)
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", root=tmp_path)
@@ -321,7 +316,7 @@ CIFAR_BREAKS = [  # (what to do to data_batch_3, what the message must say)
 
 
 @pytest.mark.parametrize("brk,says", CIFAR_BREAKS)
-def test_cifar_broken_files(tmp_path, brk, says):
+def test_cifar_broken_files(tmp_path, brk, says, snapshot):
     folder = make_fake_cifar(tmp_path, "cifar10", n_train=25)
     brk(folder/"data_batch_3")
     before = snapshot(tmp_path)

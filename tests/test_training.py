@@ -18,10 +18,6 @@ from crossclass_nb.training import (PRESETS, CheckpointCB, RunLock, TrainConfig,
 TINY = dict(epochs=1, figures=False, cas_every=0)
 
 
-def snapshot(d: Path):
-    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*")} if d.exists() else None
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tr") / "run"
@@ -90,7 +86,7 @@ def test_malicious_checkpoints_never_run(run_dir, tmp_path):
     assert not marker.exists()
 
 
-def test_refusals_leave_disk_unchanged(run_dir, tmp_path):
+def test_refusals_leave_disk_unchanged(run_dir, tmp_path, snapshot):
     before = snapshot(run_dir)
     with pytest.raises(RunDirError, match="already holds a run"): train(get_config("fmnist-tiny", **TINY), run_dir)
     with pytest.raises(RunDirError, match="differs from"): train(get_config("fmnist-tiny", **{**TINY, "lr": 0.5}), run_dir, resume=True)
