@@ -1,4 +1,4 @@
-"""The bad-input catalogue (tests/bad_inputs.py), one pytest case each: every mistake gets an error of the package's
+"""The bad-input catalogue (`crossclass_nb.bad_inputs`, built on the page "What happens when"), one pytest case each: every mistake gets an error of the package's
 own family (or, on the command line, one line on stderr and exit code 2) that names the problem and the fix, and
 nothing on disk changes. Also two real `crossclass` processes, to see what a user's terminal shows."""
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bad_inputs import CASES, diff_snapshots, problems, run_case, snapshot
+from crossclass_nb.bad_inputs import CASES, check_case, problems
 from crossclass_nb.core import CrossclassError
 
 
@@ -22,18 +22,13 @@ def test_catalogue_is_big_and_unique():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, tmp_path, monkeypatch):
+def test_bad_input(case, tmp_path):
     if case.skip and (reason := case.skip()): pytest.skip(reason)
     d = tmp_path / "sandbox"
     d.mkdir()
-    cleanup = case.setup(d) if case.setup else None
-    monkeypatch.chdir(d)  # anything written to a default relative path would land in the sandbox, and be seen
-    before = snapshot(d)
-    res = run_case(case, d)
-    after = snapshot(d)
-    if cleanup: cleanup()
+    res, changed = check_case(case, d)  # run with the sandbox as working directory: a stray relative write is seen
     assert not problems(case, res), f"{problems(case, res)}\nmessage: {res.message!r}\nerror: {res.error!r}"
-    assert not diff_snapshots(before, after), f"the disk changed: {diff_snapshots(before, after)}"
+    assert not changed, f"the disk changed: {changed}"
 
 
 def _crossclass(*args, cwd):
@@ -45,7 +40,7 @@ def _crossclass(*args, cwd):
     return subprocess.run([exe, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_real_process_bad_preset(tmp_path):
+def test_real_process_bad_preset(tmp_path, snapshot):
     before = snapshot(tmp_path)
     r = _crossclass("train", "--preset", "cifar11", "--out", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
@@ -55,7 +50,7 @@ def test_real_process_bad_preset(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_real_process_truncated_checkpoint(tmp_path):
+def test_real_process_truncated_checkpoint(tmp_path, snapshot):
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
     before = snapshot(tmp_path)
     r = _crossclass("eval", tmp_path / "last.pt", cwd=tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bad_inputs import TINY, run_cli, snapshot
+from crossclass_nb.bad_inputs import TINY, run_cli, snapshot
 from crossclass_nb.core import DataError
 from crossclass_nb.data import FASHION_MNIST_DEBIAN_DIR
 

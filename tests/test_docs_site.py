@@ -4,13 +4,9 @@ One crawl starts at the landing page and follows the links between pages; the te
 that every page shows the outputs its notebook computes (figures, tables, printed numbers).
 """
 import ast
-import functools
-import http.server
 import json
-import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from urllib.parse import urldefrag, urlparse
 
@@ -20,20 +16,12 @@ from nbdev.config import get_config
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "_docs"
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXPORTED_FUNCTION = "get_device"  # from crossclass_nb.core, so its show_doc section is always on the site
 MIN_FIGURES = {"07_robust_overfitting.ipynb": 6, "08_soft_labels.ipynb": 3, "05_attribution.ipynb": 2,
                "04_attacks.ipynb": 2, "06_training.ipynb": 1, "01_data.ipynb": 1, "02_synthetic.ipynb": 5}
 MIN_SHOWN = 0.8  # of the code cells that print, draw or end in an expression, the share whose output is on the page
 
-if not Path(CHROMIUM).exists():
-    why = f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)"
-    if os.environ.get("CI"): raise RuntimeError(why)  # CI installs it, so there it must run
-    pytest.skip(why, allow_module_level=True)
-from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
-from playwright.sync_api import sync_playwright  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 
 def notebook_titles() -> dict[str, str]:
@@ -47,19 +35,11 @@ def notebook_titles() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def site():
+def site(chromium, serve):
     "The built site (built first if `_docs/` is missing), served on a free port of 127.0.0.1."
     if not (DOCS / "index.html").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "build_docs.py")], cwd=ROOT, check=True)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args): pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(DOCS)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    return serve(DOCS)
 
 
 PAGE_FACTS = """() => ({
@@ -79,52 +59,50 @@ PAGE_FACTS = """() => ({
 
 
 @pytest.fixture(scope="module")
-def crawl(site):
+def crawl(site, chromium):
     "Visit every page reachable by links from the landing page; return {url: facts}, the requests made, and the sidebar's links."
     requests, pages = [], {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
 
-        def guard(route):  # record every request; anything not for 127.0.0.1 is refused (and fails a test below)
-            requests.append(route.request.url)
-            url = urlparse(route.request.url)
-            if url.scheme in ("data", "blob") or url.hostname == "127.0.0.1": route.continue_()
-            else: route.abort()
+    def guard(route):  # record every request; anything not for 127.0.0.1 is refused (and fails a test below)
+        requests.append(route.request.url)
+        url = urlparse(route.request.url)
+        if url.scheme in ("data", "blob") or url.hostname == "127.0.0.1": route.continue_()
+        else: route.abort()
 
-        context.route("**/*", guard)
-        page = context.new_page()
-        todo, seen = [site + "index.html"], set()
-        while todo:
-            url = todo.pop(0)
-            if url in seen: continue
-            seen.add(url)
-            response = page.goto(url, wait_until="load")
-            facts = {"status": response.status if response else None}
-            if facts["status"] == 200:
-                page.wait_for_function("document.fonts.status === 'loaded'")
-                facts.update(page.evaluate(PAGE_FACTS))
-                for link in facts["links"]:
-                    link = urldefrag(link).url
-                    if link == site: link = site + "index.html"
-                    if link.startswith(site) and link.endswith(".html") and link not in seen: todo.append(link)
-            pages[url] = facts
+    context.route("**/*", guard)
+    page = context.new_page()
+    todo, seen = [site + "index.html"], set()
+    while todo:
+        url = todo.pop(0)
+        if url in seen: continue
+        seen.add(url)
+        response = page.goto(url, wait_until="load")
+        facts = {"status": response.status if response else None}
+        if facts["status"] == 200:
+            page.wait_for_function("document.fonts.status === 'loaded'")
+            facts.update(page.evaluate(PAGE_FACTS))
+            for link in facts["links"]:
+                link = urldefrag(link).url
+                if link == site: link = site + "index.html"
+                if link.startswith(site) and link.endswith(".html") and link not in seen: todo.append(link)
+        pages[url] = facts
 
-        page.goto(site + "index.html", wait_until="load")
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "landing.png"), full_page=True)
-        sidebar = {a.inner_text().strip(): urldefrag(a.evaluate("a => a.href")).url
-                   for a in page.query_selector_all("#quarto-sidebar a.sidebar-link")}
+    page.goto(site + "index.html", wait_until="load")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "landing.png"), full_page=True)
+    sidebar = {a.inner_text().strip(): urldefrag(a.evaluate("a => a.href")).url
+               for a in page.query_selector_all("#quarto-sidebar a.sidebar-link")}
 
-        # search, as a reader does: type the name of an exported function and follow the first hit
-        page.fill("#quarto-search input", EXPORTED_FUNCTION)
-        try:
-            page.click(f".search-result:has-text('{EXPORTED_FUNCTION}')", timeout=10_000)
-            page.wait_for_load_state("load")
-            search = {"url": page.url, "found": page.locator(f"[id='{EXPORTED_FUNCTION}']").count() > 0}
-        except PlaywrightTimeout:
-            search = {"url": "(no search result named it)", "found": False}
-        browser.close()
+    # search, as a reader does: type the name of an exported function and follow the first hit
+    page.fill("#quarto-search input", EXPORTED_FUNCTION)
+    try:
+        page.click(f".search-result:has-text('{EXPORTED_FUNCTION}')", timeout=10_000)
+        page.wait_for_load_state("load")
+        search = {"url": page.url, "found": page.locator(f"[id='{EXPORTED_FUNCTION}']").count() > 0}
+    except PlaywrightTimeout:
+        search = {"url": "(no search result named it)", "found": False}
+    context.close()
     return {"pages": pages, "requests": requests, "sidebar": sidebar, "search": search}
 
 

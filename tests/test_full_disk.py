@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bad_inputs import TINY, copy_run, run_cli, snapshot
+from crossclass_nb.bad_inputs import TINY, copy_run, run_cli, snapshot
 from crossclass_nb import core
 from crossclass_nb.core import CheckpointError, CrossclassError
 

@@ -221,7 +221,7 @@ def test_second_process_refused_and_dead_lock_does_not_stick(server, reference, 
     assert RunLock(run).owner() == pid
     with pytest.raises(RunDirError) as e: train(CFG, run, resume=True, quiet=True)       # a second process
     assert f"pid {pid}" in str(e.value) and "in use" in str(e.value)
-    from bad_inputs import run_cli
+    from crossclass_nb.bad_inputs import run_cli
     res = run_cli(["train", "--resume", str(run)])
     assert res.code == 2 and len(res.stderr.strip().splitlines()) == 1 and f"pid {pid}" in res.stderr, res.stderr
     os.kill(pid, signal.SIGKILL)
@@ -233,7 +233,7 @@ def test_second_process_refused_and_dead_lock_does_not_stick(server, reference, 
 
 def test_stale_lock_file_of_a_dead_pid(tmp_path):
     "A lock file naming a process that no longer exists (e.g. copied from another machine) does not block."
-    from bad_inputs import copy_run
+    from crossclass_nb.bad_inputs import copy_run
     run = copy_run(tmp_path / "run")
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / ".lock").write_text(p.stdout)                  # a pid that has just died

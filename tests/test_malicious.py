@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bad_inputs import copy_run, run_cli, snapshot, tiny_checkpoint, TINY
+from crossclass_nb.bad_inputs import TINY, copy_run, run_cli, snapshot, tiny_checkpoint
 from crossclass_nb.core import CheckpointError, CrossclassError, DataError, safe_load
 from crossclass_nb.data import load_dataset, make_fake_cifar
 
