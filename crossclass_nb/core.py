@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError', 'import_extra',
-           'get_device', 'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write', 'atomic_torch_save',
-           'atomic_write_text', 'safe_load', 'parse_number', 'check_images', 'images_checked', 'images_are_checked']
+__all__ = ['NORMS', 'CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError',
+           'import_extra', 'get_device', 'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write',
+           'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'check_images', 'images_checked',
+           'images_are_checked', 'random_perturbation']
 
-# %% ../nbs/00_core.ipynb #e6f561e8
+# %% ../nbs/00_core.ipynb #9851ef90
 class CrossclassError(Exception):
     "Base class of every error the package raises on purpose."
 
@@ -39,8 +40,9 @@ class RunDirError(CrossclassError):
     "A run directory cannot be used as asked (exists, locked, not writable)."
 
 class MissingExtraError(CrossclassError, ImportError):
-    "An optional dependency is not installed: the message names the extra that brings it, e.g. `pip install -e \".[eval]\"`."
+    "An optional dependency is missing: the message names its extra, e.g. `pip install -e \".[eval]\"`."
 
+# %% ../nbs/00_core.ipynb #276fe7fe
 def import_extra(module: str, # the module to import, e.g. "torchattacks"
                  extra: str, # the package's extra that installs it, e.g. "eval"
                  needed_by: str, # what needs it, for the message, e.g. "autoattack_accuracy"
@@ -51,15 +53,18 @@ def import_extra(module: str, # the module to import, e.g. "torchattacks"
         raise MissingExtraError(f'{needed_by} needs {module}, an optional extra: pip install -e ".[{extra}]" '
                                 f'(or pip install {module})') from None
 
-# %% ../nbs/00_core.ipynb #3522c85f
+# %% ../nbs/00_core.ipynb #122fdb5e
 def _mps_available() -> bool:
+    "True where Apple's MPS backend exists and works."
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 def _parse_device(choice) -> torch.device:
+    "`choice` as a `torch.device`, or `InputError` naming the names that work."
     try: return torch.device(choice)
     except (RuntimeError, TypeError) as e:
         raise InputError(f"unknown device {choice!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
 
+# %% ../nbs/00_core.ipynb #2da014df
 def _cuda_index(dev: torch.device, env, count: int) -> int:
     "The GPU of this process: the index asked for (default 0), shifted by torchrun's LOCAL_RANK."
     local = int(env.get("LOCAL_RANK", "0")) if int(env.get("WORLD_SIZE", "1")) > 1 else 0
@@ -103,11 +108,13 @@ def set_seed(seed: int, # the seed for python, numpy and torch (all devices)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
-# %% ../nbs/00_core.ipynb #10ae16c2
+# %% ../nbs/00_core.ipynb #1c15ab22
 def _index(device) -> int:
+    "The index of a CUDA device (the current one where none is given)."
     d = torch.device(device)
     return d.index if d.index is not None else torch.cuda.current_device()
 
+# %% ../nbs/00_core.ipynb #b9ce77cf
 def get_rng_state(devices=(), # the CUDA devices the run uses (others are not saved)
                  ) -> dict:
     "The state of every random generator, as plain data a `weights_only` checkpoint can hold."
@@ -119,13 +126,14 @@ def get_rng_state(devices=(), # the CUDA devices the run uses (others are not sa
             "torch": torch.get_rng_state(),
             "cuda": {i: torch.cuda.get_rng_state(i) for i in gpus}}
 
-# %% ../nbs/00_core.ipynb #10ae16c3
+# %% ../nbs/00_core.ipynb #0e3517d0
 def _cuda_states(saved, devices) -> dict:
     "Saved GPU states by the index to restore them on (old checkpoints hold a list: one per visible GPU)."
     if isinstance(saved, (list, tuple)): saved = dict(enumerate(saved[:torch.cuda.device_count()]))
     if devices is None: return dict(saved)
     return dict(zip([_index(d) for d in devices if torch.device(d).type == "cuda"], saved.values()))
 
+# %% ../nbs/00_core.ipynb #e6002e05
 def set_rng_state(state: dict, # as returned by `get_rng_state`
                   devices=None, # the CUDA devices to restore the saved GPU states onto, in order (None: the saved ones)
                  ) -> None:
@@ -138,12 +146,14 @@ def set_rng_state(state: dict, # as returned by `get_rng_state`
     if not state["cuda"] or not torch.cuda.is_available(): return    # a GPU run continued on the CPU
     for index, gpu_state in _cuda_states(state["cuda"], devices).items(): torch.cuda.set_rng_state(gpu_state, index)
 
-# %% ../nbs/00_core.ipynb #e8f46e41
+# %% ../nbs/00_core.ipynb #abc93ea0
 def _umask() -> int:
+    "The process's umask (read by setting it and putting it back)."
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
+# %% ../nbs/00_core.ipynb #d20e4e9d
 def atomic_write(path: str | Path, # the file to create or replace
                  write, # a function that writes to an open binary file object
                 ) -> Path:
@@ -162,6 +172,7 @@ def atomic_write(path: str | Path, # the file to create or replace
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #b747af76
 def atomic_torch_save(obj, # a plain dict of tensors and primitives
                       path: str | Path, # where the checkpoint goes
                      ) -> Path:
@@ -198,7 +209,7 @@ def parse_number(text: str | float, # "8/255", "0.1", "3" or already a number
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read {text!r} as a number: write e.g. 0.1 or 8/255") from None
 
-# %% ../nbs/00_core.ipynb #7d7b0c44
+# %% ../nbs/00_core.ipynb #a4a5606b
 _IMAGES_CHECKED = contextvars.ContextVar("images_checked", default=False)
 
 def check_images(x: torch.Tensor, # a batch of images, N x C x H x W (or N x D for vector data)
@@ -206,7 +217,8 @@ def check_images(x: torch.Tensor, # a batch of images, N x C x H x W (or N x D f
                 ) -> torch.Tensor:
     "Raise `InputError` unless `x` is a finite floating tensor with values in [0, 1]."
     if not isinstance(x, torch.Tensor): raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point(): raise InputError(f"{name} must be a float tensor in [0, 1], got {x.dtype}: use x.float()/255")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be a float tensor in [0, 1], got {x.dtype}: use x.float()/255")
     if x.dim() < 2: raise InputError(f"{name} must be a batch (N x ...), got shape {tuple(x.shape)}")
     if x.numel() == 0: raise InputError(f"{name} is empty: pass at least one example")
     if _IMAGES_CHECKED.get(): return x
@@ -230,3 +242,20 @@ def images_checked():
 def images_are_checked() -> bool:
     "True inside `images_checked()`: per-batch checks that wait for the device may be skipped."
     return _IMAGES_CHECKED.get()
+
+# %% ../nbs/00_core.ipynb #9857857b
+NORMS = ("linf", "l2")    # the threat models: the l_inf ball and the l_2 ball
+
+def random_perturbation(like: torch.Tensor, # a batch (N x ...): one perturbation per example, of its shape and dtype
+                        eps: float, # the radius
+                        norm: str, # "linf" or "l2"
+                        generator: torch.Generator | None = None, # for a reproducible draw (None: torch's global one)
+                       ) -> torch.Tensor:
+    "A random point of each example's eps-ball: l_inf uniform; l_2 a random direction, radius uniform in [0, eps]."
+    if norm not in NORMS: raise InputError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm == "linf": return torch.empty_like(like).uniform_(-eps, eps, generator=generator)
+    direction = torch.empty_like(like).normal_(generator=generator)
+    shape = (len(like),) + (1,) * (like.dim() - 1)
+    radius = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    norms = torch.linalg.vector_norm(direction, dim=tuple(range(1, like.dim())), keepdim=True)
+    return eps * radius * direction / norms.clamp_min(1e-12)
