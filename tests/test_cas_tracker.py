@@ -89,6 +89,6 @@ def test_bad_input(tmp_path):
     (tmp_path / "trained" / "config.json").write_text(json.dumps({"name": "fmnist-tiny", "epochs": 3, "loss": "pgd"}))
     with pytest.raises(RunDirError, match="its own directory"): CASTracker(net, (x, y), None, tmp_path / "trained")
     tracker = CASTracker(net, (x.flatten(1), y), None, tmp_path / "t")
-    with pytest.raises(InputError, match="epoch must be"): tracker(0)
-    with pytest.raises(InputError, match="numbers"): tracker(1, loss=torch.tensor(1.0))
+    with pytest.raises(InputError): tracker(0)  # the messages are checked in chapter 05
+    with pytest.raises(InputError): tracker(1, loss=torch.tensor(1.0))
     assert not (tmp_path / "t").exists()                                  # nothing written by refused calls

@@ -80,8 +80,7 @@ def test_full_disk_during_a_run(target, tmp_path, monkeypatch, straight):
     if rel in before: assert after[rel] == before[rel], f"{rel} changed although its write failed"
     assert not list(run.rglob(".*.tmp")), "a temporary file was left behind"
     for name in ("last.pt", "best.pt"): load_checkpoint(run / name)          # whole (old, or already the new one)
-    msg = str(e.value)
-    assert "No space left on device" in msg, msg
+    msg = str(e.value)  # the cause's wording ("No space left on device") is checked in chapter 00
     if hit.suffix == ".pt":
         assert isinstance(e.value, CheckpointError), repr(e.value)
         assert hit.name in msg and ("intact" in msg or "unchanged" in msg) and "resume" in msg, msg
@@ -100,7 +99,7 @@ def test_full_disk_on_the_command_line(tmp_path, monkeypatch):
     assert res.code == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert "No space left on device" in lines[0] and "last.pt" in lines[0] and "intact" in lines[0], lines[0]
+    assert "last.pt" in lines[0] and "intact" in lines[0], lines[0]
     assert snapshot(run)["last.pt"] == before["last.pt"]
 
 
@@ -116,6 +115,6 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", half_save)
     with pytest.raises(OSError) as e: core.atomic_torch_save({"v": torch.arange(1000)}, p)
     monkeypatch.setattr(torch, "save", real_save)
-    assert e.value.errno == errno.ENOSPC or "No space left" in str(e.value)
+    assert e.value.errno == errno.ENOSPC
     assert snapshot(tmp_path) == before
     assert torch.equal(core.safe_load(p)["v"], torch.arange(3))

@@ -30,8 +30,8 @@ def test_resolving_a_resolved_device_changes_nothing():
 
 
 def test_device_resolution_refuses_what_cannot_be():
-    with pytest.raises(InputError, match="--nproc_per_node"): get_device("cuda:3", TORCHRUN, cuda_count=4)
-    with pytest.raises(InputError, match="CUDA is not available"): get_device("cuda", {}, cuda_count=0)
+    with pytest.raises(InputError): get_device("cuda:3", TORCHRUN, cuda_count=4)  # the messages: chapter 00
+    with pytest.raises(InputError): get_device("cuda", {}, cuda_count=0)
     assert get_device(None, {}, cuda_count=0).type in ("cpu", "mps")
     assert get_device("cpu", TORCHRUN, cuda_count=4) == torch.device("cpu")
 

@@ -59,6 +59,7 @@ def test_wheel_holds_the_package_and_the_license(installed):
     _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
     assert "crossclass_nb/__main__.py" in names and "crossclass_nb/cli.py" in names
+    assert "crossclass_nb/bad_inputs.py" in names  # the catalogue of the page "What happens when" ships too
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
     assert not any(n.startswith(("tests/", "nbs/", "results/")) for n in names)
 
