@@ -7,6 +7,7 @@ autocast; take any classifier of images in [0, 1], e.g. a torchvision network.
 """
 import importlib.util
 import math
+import re
 import sys
 import weakref
 
@@ -224,41 +225,42 @@ def test_bn_running_stats_untouched_in_train_mode():
     assert model.training
 
 
+# msg None: the message is asserted in the notebook (04_attacks, 00_core); here only that pgd refuses the input
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(eps=-0.1), "eps must be >= 0"),
     (dict(eps=float("nan")), "finite number"),
-    (dict(eps="eight"), "8/255"),
-    (dict(eps=8), "write e.g. 8/255"),
-    (dict(eps=50, norm="l2"), "diagonal"),
-    (dict(alpha=0), "alpha"),
-    (dict(alpha=-1), "alpha"),
-    (dict(steps=-1), "steps must be a non-negative integer"),
-    (dict(steps=2.5), "steps must be a non-negative integer"),
-    (dict(steps=True), "steps must be a non-negative integer"),
-    (dict(norm="l1"), "linf, l2"),
+    (dict(eps="eight"), None),
+    (dict(eps=8), None),
+    (dict(eps=50, norm="l2"), None),
+    (dict(alpha=0), None),
+    (dict(alpha=-1), None),
+    (dict(steps=-1), None),
+    (dict(steps=2.5), None),
+    (dict(steps=True), None),
+    (dict(norm="l1"), None),
     (dict(restarts=0), "restarts must be a positive integer"),
-    (dict(x=torch.rand(3, 1, 6, 6) * 255), "divide 0..255"),
-    (dict(x=torch.full((3, 1, 6, 6), float("nan"))), "NaN"),
-    (dict(x=torch.zeros(3, 1, 6, 6, dtype=torch.uint8)), "float"),
-    (dict(y=torch.tensor([0.0, 1.0, 2.0])), "integer tensor"),
-    (dict(y=torch.tensor([0, 1])), "2 labels"),
-    (dict(y=torch.tensor([0, 1, 3])), "labels must lie in [0, 2]"),
-    (dict(y=torch.tensor([0, -1, 2])), "labels must lie in [0, 2]"),
+    (dict(x=torch.rand(3, 1, 6, 6) * 255), None),
+    (dict(x=torch.full((3, 1, 6, 6), float("nan"))), None),
+    (dict(x=torch.zeros(3, 1, 6, 6, dtype=torch.uint8)), None),
+    (dict(y=torch.tensor([0.0, 1.0, 2.0])), None),
+    (dict(y=torch.tensor([0, 1])), None),
+    (dict(y=torch.tensor([0, 1, 3])), None),
+    (dict(y=torch.tensor([0, -1, 2])), None),
 ])
 def test_pgd_input_validation(kwargs, msg):
     args = dict(model=tiny_net(k=3), x=torch.rand(3, 1, 6, 6), y=torch.tensor([0, 1, 2]), eps=0.1, alpha=0.03, steps=2)
     args.update(kwargs)
-    with pytest.raises(InputError, match=msg.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(InputError, match=None if msg is None else re.escape(msg)):
         pgd(**args)
 
 
 def test_other_attacks_validate():
     m, x = tiny_net(k=3), torch.rand(3, 1, 6, 6)
-    with pytest.raises(InputError, match="8/255"): fgsm(m, x, torch.tensor([0, 1, 2]), 8)
-    with pytest.raises(InputError, match="divide"): fgsm_rs(m, x * 255, torch.tensor([0, 1, 2]), 0.1)
-    with pytest.raises(InputError, match="linf, l2"): trades_adv(m, x, 0.1, 0.03, 2, norm="linfinity")
-    with pytest.raises(InputError, match="steps"): PGD(0.1, steps=-3)
-    with pytest.raises(InputError, match="8/255"): PGD(8)
+    with pytest.raises(InputError): fgsm(m, x, torch.tensor([0, 1, 2]), 8)    # messages: asserted in 04_attacks
+    with pytest.raises(InputError): fgsm_rs(m, x * 255, torch.tensor([0, 1, 2]), 0.1)
+    with pytest.raises(InputError): trades_adv(m, x, 0.1, 0.03, 2, norm="linfinity")
+    with pytest.raises(InputError): PGD(0.1, steps=-3)
+    with pytest.raises(InputError): PGD(8)
 
 
 def test_pgd_dataclass():
@@ -309,7 +311,7 @@ def test_attack_mode_restores_everything():
 
 def test_autoattack_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
-    with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[eval\]"'):
+    with pytest.raises(MissingExtraError):    # its message (naming the extra) is asserted in 00_core
         autoattack_accuracy(tiny_net(k=3), torch.rand(2, 1, 6, 6), torch.tensor([0, 1]), 0.1, version="cheap")
     assert issubclass(MissingExtraError, ImportError)
 
@@ -317,9 +319,9 @@ def test_autoattack_missing_extra(monkeypatch):
 def test_autoattack_validation():
     m = tiny_net(k=3)
     x, y = torch.rand(2, 1, 6, 6), torch.tensor([0, 1])
-    with pytest.raises(InputError, match="standard, cheap"): autoattack_accuracy(m, x, y, 0.1, version="fast")
-    with pytest.raises(InputError, match="8/255"): autoattack_accuracy(m, x, y, 8, version="cheap")
-    with pytest.raises(InputError, match="labels must lie"): autoattack_accuracy(m, x, torch.tensor([0, 7]), 0.1)
+    with pytest.raises(InputError): autoattack_accuracy(m, x, y, 0.1, version="fast")    # messages: in 04_attacks
+    with pytest.raises(InputError): autoattack_accuracy(m, x, y, 8, version="cheap")
+    with pytest.raises(InputError): autoattack_accuracy(m, x, torch.tensor([0, 7]), 0.1)
 
 
 def test_autoattack_versions_built_as_documented():
@@ -355,11 +357,11 @@ def test_autoattack_cheap_runs_and_finds_examples():
 def test_accuracy_checks_labels_where_the_data_enter():
     model, x = tiny_net(k=3).eval(), torch.rand(6, 1, 6, 6)
     bad = torch.tensor([0, 1, 2, 3, 0, 1])
-    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, x, bad)
+    with pytest.raises(InputError): accuracy(model, x, bad)    # the messages are asserted in 04_attacks
     batches = [(x[:3], bad[:3]), (x[3:], bad[3:])]
-    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\]"): accuracy(model, batches)
-    with pytest.raises(InputError, match=r"labels must lie"): accuracy(model, x, bad, attack=PGD(0.1, steps=2))
-    with pytest.raises(InputError, match="divide 0..255"): accuracy(model, [(x * 255, bad % 3)])
+    with pytest.raises(InputError): accuracy(model, batches)
+    with pytest.raises(InputError): accuracy(model, x, bad, attack=PGD(0.1, steps=2))
+    with pytest.raises(InputError): accuracy(model, [(x * 255, bad % 3)])
     with pytest.raises(InputError, match="batch_size"): autoattack_accuracy(model, x, bad % 3, 0.1, batch_size=0)
 
 
@@ -399,7 +401,7 @@ def test_torchvision_classifier(wrapped):
     assert_valid(trades_adv(net, x, 8 / 255, 2 / 255, 2), x, 8 / 255, "linf")
     clean = accuracy(net, x, y)
     assert accuracy(net, x, y, attack=PGD(16 / 255, steps=5)) <= clean
-    with pytest.raises(InputError, match=r"labels must lie in \[0, 9\]"): pgd(net, x, y + 1, 0.1, 0.03, 1)
+    with pytest.raises(InputError): pgd(net, x, y + 1, 0.1, 0.03, 1)    # message asserted in 04_attacks
     if importlib.util.find_spec("torchattacks") is not None:
         assert autoattack_accuracy(net, x, y, 16 / 255, version="cheap") <= clean
     assert_untouched(net, snap)
