@@ -156,24 +156,24 @@ def test_similarity_and_cas_definitions():
     assert 0 <= cas(C) <= 30
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (lambda m, x, y: class_attributions(m, x, torch.where(y == 0, 7, y)), "out of range"),
-    (lambda m, x, y: class_attributions(m, x, y - 1), "out of range"),
-    (lambda m, x, y: class_attributions(m, torch.where(x > 0.9, float("nan"), x), y), "NaN"),
-    (lambda m, x, y: class_attributions(m, x, y % 2), "[2] have no examples"),
-    (lambda m, x, y: class_attributions(m, x * 255, y), "[0, 1]"),
-    (lambda m, x, y: class_attributions(m, x, y.float()), "integers"),
-    (lambda m, x, y: class_attributions(m, x), "y is missing"),
-    (lambda m, x, y: class_attributions(m, x, y, num_classes=4), "num_classes=4"),
-    (lambda m, x, y: class_attributions(m, x, y, batch_size=0), "batch_size"),
-    (lambda m, x, y: class_attributions(nn.Linear(6, 3), x, y), "no nn.Linear layer inside it"),
-    (lambda m, x, y: class_attributions(m, [], None), "no examples were given"),
+# the messages themselves are asserted in the attribution chapter; here: every one is an InputError
+@pytest.mark.parametrize("bad", [
+    lambda m, x, y: class_attributions(m, x, torch.where(y == 0, 7, y)),
+    lambda m, x, y: class_attributions(m, x, y - 1),
+    lambda m, x, y: class_attributions(m, torch.where(x > 0.9, float("nan"), x), y),
+    lambda m, x, y: class_attributions(m, x, y % 2),
+    lambda m, x, y: class_attributions(m, x * 255, y),
+    lambda m, x, y: class_attributions(m, x, y.float()),
+    lambda m, x, y: class_attributions(m, x),
+    lambda m, x, y: class_attributions(m, x, y, num_classes=4),
+    lambda m, x, y: class_attributions(m, x, y, batch_size=0),
+    lambda m, x, y: class_attributions(nn.Linear(6, 3), x, y),
+    lambda m, x, y: class_attributions(m, [], None),
 ])
-def test_clear_input_errors(bad, msg):
+def test_clear_input_errors(bad):
     m = Tiny()
     x, y = data()
-    with pytest.raises(InputError, match=None) as e: bad(m, x, y)
-    assert msg in str(e.value)
+    with pytest.raises(InputError): bad(m, x, y)
 
 
 def test_attack_is_applied_in_eval_mode():
