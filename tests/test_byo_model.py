@@ -118,17 +118,18 @@ def test_load_arch_bad_inputs_change_nothing(tmp_path):
     m = load_arch("torchvision:resnet18", 3, weights=tmp_path / "w.pt")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad(): torch.testing.assert_close(m(x), net.eval()(x), rtol=0, atol=0)
-    cases = [(lambda: load_arch("torchvision:resnet_18", 3), InputError, "resnet18"),
-             (lambda: load_arch("resnet18", 3), InputError, "package.module:callable"),
+    # (call, error, words no chapter checks); the other messages are checked in chapter 03, under load_arch
+    cases = [(lambda: load_arch("torchvision:resnet_18", 3), InputError, None),
+             (lambda: load_arch("resnet18", 3), InputError, None),
              (lambda: load_arch("no_such_package.models:net", 3), InputError, "cannot import"),
-             (lambda: load_arch("collections:OrderedDict", 3), InputError, "not an nn.Module"),
-             (lambda: load_arch("torchvision:resnet34", 3, weights=tmp_path / "w.pt"), CheckpointError, "do not fit"),
-             (lambda: load_arch("torchvision:resnet18", 10, weights=tmp_path / "w.pt"), CheckpointError, "do not fit"),
-             (lambda: load_arch("torchvision:resnet18", 3, weights=tmp_path / "pickled.pt"), CheckpointError, "state_dict()"),
-             (lambda: load_arch("torchvision:resnet18", 3, weights=tmp_path / "missing.pt"), CheckpointError, "no checkpoint")]
+             (lambda: load_arch("collections:OrderedDict", 3), InputError, None),
+             (lambda: load_arch("torchvision:resnet34", 3, weights=tmp_path / "w.pt"), CheckpointError, None),
+             (lambda: load_arch("torchvision:resnet18", 10, weights=tmp_path / "w.pt"), CheckpointError, None),
+             (lambda: load_arch("torchvision:resnet18", 3, weights=tmp_path / "pickled.pt"), CheckpointError, None),
+             (lambda: load_arch("torchvision:resnet18", 3, weights=tmp_path / "missing.pt"), CheckpointError, None)]
     for call, error, text in cases:
-        with pytest.raises(error, match=None) as e: call()
-        assert text in str(e.value), str(e.value)
+        with pytest.raises(error) as e: call()
+        assert text is None or text in str(e.value), str(e.value)
     assert sorted(tmp_path.iterdir()) == before
 
 
