@@ -92,7 +92,7 @@ class Classifier(nn.Module):
         "Logits `head(features(x))`."
         return self.head(self.features(x))
 
-# %% ../nbs/03_models.ipynb #38725c8a
+# %% ../nbs/03_models.ipynb #107b3b6e
 def _pool_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     "size x n matrix whose row i averages window i of adaptive average pooling from n to size."
     i, j = torch.arange(size, device=like.device), torch.arange(n, device=like.device)
@@ -100,6 +100,7 @@ def _pool_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     inside = (j >= start[:, None]) & (j < end[:, None])
     return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
+# %% ../nbs/03_models.ipynb #9a68958e
 class GridPool(nn.Module):
     "Average pooling to a `size` x `size` grid, as `AdaptiveAvgPool2d(size)`, with a deterministic CUDA backward."
     def __init__(self, size: int = 4): # the side of the output grid
@@ -114,11 +115,12 @@ class GridPool(nn.Module):
 
     def extra_repr(self): return f"size={self.size}"
 
-# %% ../nbs/03_models.ipynb #0252a5d6
+# %% ../nbs/03_models.ipynb #47039d07
 def conv_bn_relu(ni: int, nf: int, stride: int = 1) -> nn.Sequential:
     "3x3 convolution, BatchNorm, ReLU."
     return nn.Sequential(nn.Conv2d(ni, nf, 3, stride, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
 
+# %% ../nbs/03_models.ipynb #03741520
 def small_cnn_body(in_channels: int = 1, # input channels
                    width: int = 16, # channels of the first stage (the second has 2*width)
                    hidden: int = 128, # n, the width of the feature vector
@@ -146,18 +148,21 @@ class PreActBlock(nn.Module):
         out = self.conv2(F.relu(self.bn2(out)))
         return out + sc
 
-# %% ../nbs/03_models.ipynb #518b9b3d
+# %% ../nbs/03_models.ipynb #f350caf6
 class PoolFlatten(nn.Module):
     "Global average pool to N x C (works for any memory format)."
     def forward(self, x): return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
+# %% ../nbs/03_models.ipynb #bed222d9
 def _stages(block, ni: int, widths: Sequence[int], depths: Sequence[int], strides: Sequence[int]) -> list[nn.Module]:
     layers = []
     for nf, d, s in zip(widths, depths, strides):
         for i in range(d):
-            layers.append(block(ni, nf, s if i == 0 else 1)); ni = nf
+            layers.append(block(ni, nf, s if i == 0 else 1))
+            ni = nf
     return layers
 
+# %% ../nbs/03_models.ipynb #bc57d3f3
 def preact_resnet18_body(in_channels: int = 3) -> tuple[nn.Module, int]:
     "Body of PreActResNet-18 for 32x32 inputs: (module, 512)."
     layers = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)]
@@ -165,7 +170,7 @@ def preact_resnet18_body(in_channels: int = 3) -> tuple[nn.Module, int]:
     layers += [nn.BatchNorm2d(512), nn.ReLU(inplace=True), PoolFlatten()]
     return nn.Sequential(*layers), 512
 
-# %% ../nbs/03_models.ipynb #5f5f7751
+# %% ../nbs/03_models.ipynb #db852643
 class BasicBlock(nn.Module):
     "Post-activation basic block: conv-BN-ReLU-conv-BN, add the shortcut, ReLU."
     def __init__(self, ni: int, nf: int, stride: int = 1):
@@ -179,6 +184,7 @@ class BasicBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
+# %% ../nbs/03_models.ipynb #df351eaf
 def resnet18_body(in_channels: int = 3) -> tuple[nn.Module, int]:
     "Body of the CIFAR ResNet-18: (module, 512)."
     layers = [conv_bn_relu(in_channels, 64)]
@@ -191,7 +197,8 @@ def wrn_body(in_channels: int = 3, # input channels
              widen: int = 10, # widen factor
             ) -> tuple[nn.Module, int]:
     "Body of WideResNet-depth-widen for 32x32 inputs: (module, 64 * widen)."
-    if (depth - 4) % 6 or depth < 10: raise InputError(f"WideResNet depth must be 6k + 4 (e.g. 16, 28, 34), got {depth}")
+    if (depth - 4) % 6 or depth < 10:
+        raise InputError(f"WideResNet depth must be 6k + 4 (e.g. 16, 28, 34), got {depth}")
     k = (depth - 4) // 6
     widths = (16 * widen, 32 * widen, 64 * widen)
     layers = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
@@ -211,7 +218,8 @@ class CheckedFlatten(nn.Flatten):
         shape = tuple(x.shape[1:])
         if self.input_shape is None: self.input_shape = shape
         elif shape != self.input_shape:
-            raise InputError(f"the MLP was built for input_shape {self.input_shape} ({math.prod(self.input_shape)} values), "
+            raise InputError(f"the MLP was built for input_shape {self.input_shape} "
+                             f"({math.prod(self.input_shape)} values), "
                              f"got images of shape {shape} ({math.prod(shape)} values): "
                              "build it with get_model(..., input_shape=...) for these images")
         return super().forward(x)
@@ -223,7 +231,8 @@ def mlp_body(in_channels: int = 1, # input channels (must agree with input_shape
             ) -> tuple[nn.Module, int]:
     "Body of the MLP: (module, hidden[-1])."
     hidden = tuple(int(h) for h in hidden)
-    if not hidden or min(hidden) < 1: raise InputError(f"hidden must be a non-empty list of positive widths, got {hidden}")
+    if not hidden or min(hidden) < 1:
+        raise InputError(f"hidden must be a non-empty list of positive widths, got {hidden}")
     if input_shape is not None:
         input_shape = tuple(int(s) for s in input_shape)
         if len(input_shape) != 3 or input_shape[0] != in_channels:
@@ -238,11 +247,12 @@ _BODIES = {"preact_resnet18": preact_resnet18_body, "resnet18": resnet18_body,
            "wrn34_10": wrn_body, "small_cnn": small_cnn_body, "mlp": mlp_body}
 MODEL_NAMES = tuple(_BODIES)
 
-# %% ../nbs/03_models.ipynb #227f5ef1
+# %% ../nbs/03_models.ipynb #4c65c67d
 ZOO_SOURCES = ("torchvision", "timm")
 
 def _timm(): return import_extra("timm", "zoo", "timm models")
 
+# %% ../nbs/03_models.ipynb #1d2af2b1
 def _zoo_names(source: str) -> list[str]:
     "The classification architectures that `source` can build."
     if source == "timm": return _timm().list_models()
@@ -288,7 +298,14 @@ def _zoo_network(name: str, num_classes: int, in_channels: int, **kw) -> nn.Modu
     _adapt_stem(net, in_channels)
     return net
 
-# %% ../nbs/03_models.ipynb #c76c21a4
+# %% ../nbs/03_models.ipynb #84c3c0d4
+def _check_body_options(name: str, kw: dict) -> None:
+    "Refuse options that the body of `name` does not take, naming those it does."
+    allowed = [p for p in inspect.signature(_BODIES[name]).parameters if p != "in_channels"]
+    bad = sorted(set(kw) - set(allowed))
+    if bad: raise InputError(f"{name} does not take {', '.join(bad)}: its options are {', '.join(allowed) or 'none'}")
+
+# %% ../nbs/03_models.ipynb #926e3562
 def get_model(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
               num_classes: int = 10, # K, the number of classes
               in_channels: int = 3, # 1 for grey images, 3 for colour
@@ -304,11 +321,8 @@ def get_model(name: str, # one of MODEL_NAMES, "torchvision:NAME" or "timm:NAME"
     if name not in MODEL_NAMES:
         net = _zoo_network(name, num_classes, in_channels, **kw)
         return as_classifier(nn.Sequential(OrderedDict(norm=Normalize(mean, std, in_channels), net=net)))
-    make = _BODIES[name]
-    allowed = [p for p in inspect.signature(make).parameters if p != "in_channels"]
-    bad = sorted(set(kw) - set(allowed))
-    if bad: raise InputError(f"{name} does not take {', '.join(bad)}: its options are {', '.join(allowed) or 'none'}")
-    body, n = make(in_channels=in_channels, **kw)
+    _check_body_options(name, kw)
+    body, n = _BODIES[name](in_channels=in_channels, **kw)
     return Classifier(body, n, num_classes, in_channels, mean, std)
 
 # %% ../nbs/03_models.ipynb #9b5a2023
@@ -356,7 +370,7 @@ def _probe_input(model: nn.Module) -> torch.Tensor:
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))   # the global random state is left alone
     return x.to(p.device, p.dtype)
 
-# %% ../nbs/03_models.ipynb #f30570aa
+# %% ../nbs/03_models.ipynb #43fc1a13
 def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
     "The network's output on `x` (eval mode, no gradient) and the output of each of its nn.Linear layers by name."
     outs = {}
@@ -370,10 +384,19 @@ def _linear_outputs(model: nn.Module, x: torch.Tensor) -> tuple[object, dict]:
         for h in hooks: h.remove()
     return out, outs
 
+# %% ../nbs/03_models.ipynb #8cd92eee
 def _is_output(t: torch.Tensor, out) -> bool:
     return isinstance(out, torch.Tensor) and t.shape == out.shape and torch.equal(t, out)
 
-# %% ../nbs/03_models.ipynb #7bfd2c4d
+# %% ../nbs/03_models.ipynb #517e282c
+def _refuse_non_tensor(what: str, out, outs: dict) -> None:
+    "Refuse a network whose output is not one tensor, naming the Linear layers whose outputs are among its parts."
+    parts = out if isinstance(out, (tuple, list)) else ()
+    found = [n for n, t in outs.items() if any(_is_output(t, o) for o in parts)]
+    raise InputError(f"{what} returns a {type(out).__name__} (heads found: {', '.join(found) or 'none'}), not one "
+                     "tensor of logits: wrap it so that it returns the logits of one head, then pass head=NAME")
+
+# %% ../nbs/03_models.ipynb #c1e467a3
 def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None) -> str:
     "The dotted name of the nn.Linear whose output is the network's output, checked on a forward pass."
     what = type(model).__name__
@@ -382,11 +405,7 @@ def _find_head(model: nn.Module, head: str | None, example: torch.Tensor | None)
     if head is not None and head not in linears:
         raise InputError(f"head={head!r} is not an nn.Linear of {what}: its Linear layers are {', '.join(linears)}")
     out, outs = _linear_outputs(model, _probe_input(model) if example is None else example)
-    if not isinstance(out, torch.Tensor):
-        parts = out if isinstance(out, (tuple, list)) else ()
-        found = [n for n, t in outs.items() if any(_is_output(t, o) for o in parts)]
-        raise InputError(f"{what} returns a {type(out).__name__} (heads found: {', '.join(found) or 'none'}), not one "
-                         "tensor of logits: wrap it so that it returns the logits of one head, then pass head=NAME")
+    if not isinstance(out, torch.Tensor): _refuse_non_tensor(what, out, outs)
     found = [n for n, t in outs.items() if _is_output(t, out)]
     if not found or (head is not None and head not in found):
         raise InputError(f"the output of {what} is not the output of {repr(head) if head else 'any nn.Linear'} "
@@ -432,7 +451,8 @@ def _load_weights(net: nn.Module, path, spec: str) -> None:
         raise CheckpointError(f"{e}; weights must be a state dict: torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict): state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors: save one with torch.save(net.state_dict(), path)")
+        raise CheckpointError(f"{path} is not a state dict of tensors: "
+                              "save one with torch.save(net.state_dict(), path)")
     try: net.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
