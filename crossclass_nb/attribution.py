@@ -100,6 +100,7 @@ def _check_model(model, num_classes: int | None) -> tuple[nn.Module, int]:
 
 # %% ../nbs/05_attribution.ipynb #3ff35617
 def _model_device(model) -> torch.device:
+    "The device of the model's parameters (the CPU for a model without any)."
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -318,6 +319,7 @@ def _annotate(ax, M: torch.Tensor, vmin: float, vmax: float) -> None:
 
 # %% ../nbs/05_attribution.ipynb #9c1c72ba
 def _heatmap(M, classes, ax, vmin, vmax, title, annotate):
+    "Draw the K x K matrix M as a Blues heat map on the scale vmin..vmax, with class names on the axes."
     import matplotlib.pyplot as plt  # imported here so that the analysis code does not need a plotting backend
     M = M.detach().float().cpu() if isinstance(M, torch.Tensor) else torch.tensor(M, dtype=torch.float32)
     K = len(M)
