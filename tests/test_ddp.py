@@ -1,6 +1,7 @@
 """DistributedDataParallel on the CPU: torchrun with 2 processes and the gloo backend, as on a multi-GPU machine.
 Checks that the data are sharded, metrics reduced over both processes, weights stay in sync, only rank 0 writes, and
-that `train` leaves no process group behind (it creates the group and destroys it after a barrier)."""
+that `train` leaves no process group behind: it creates the group and destroys it after a barrier, and no gloo thread
+survives (one running into interpreter shutdown can abort the process)."""
 import json
 import os
 import socket
@@ -15,6 +16,10 @@ SCRIPT = r"""
 import json, os, sys, torch, torch.distributed as dist
 from crossclass_nb.training import Callback, TrainConfig, train
 
+def thread_names():
+    "Names of this process's threads (Linux)."
+    return [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+
 class SyncCheck(Callback):
     "After training, every rank reports a checksum of its weights; rank 0 writes them all."
     order = 100
@@ -28,6 +33,7 @@ for cfg_path, out, check in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
     cb = SyncCheck(check)
     train(TrainConfig.from_json(cfg_path), out, quiet=True, cbs=[cb])
     cb.report["destroyed"] = not dist.is_initialized()
+    cb.report["gloo_threads"] = [name for name in thread_names() if "gloo" in name]
     if int(os.environ["RANK"]) == 0: open(check, "w").write(json.dumps(cb.report))
 """
 
@@ -62,6 +68,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         sums = json.loads((tmp_path / f"{name}_sums.json").read_text())
         assert sums["world_size"] == 2 and sums["sums"][0] == sums["sums"][1], "weights out of sync across ranks"
         assert sums["destroyed"], "train() left its process group behind"
+        assert sums["gloo_threads"] == [], f"gloo threads outlived destroy_process_group: {sums['gloo_threads']}"
         assert rows[-1]["train_loss"] < rows[0]["train_loss"] or rows[-1]["train_clean_acc"] > 0.3
     assert "cas" in load_metrics(tmp_path / "pgd")[-1] and (tmp_path / "pgd" / "cas" / "epoch_002.json").exists()
     record = json.loads((tmp_path / "pgd" / "cas" / "epoch_002.json").read_text())     # the CAS pass is shared:

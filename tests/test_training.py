@@ -41,7 +41,7 @@ def test_checkpoint_is_plain_and_validated(run_dir, tmp_path):
     assert ck["format_version"] == 1 and ck["epoch"] == 1 and len(ck["rng"]) == 1 and ck["history"][0]["epoch"] == 1
     for k in ("model", "optimizer", "scheduler", "scaler", "best_score", "best_epoch", "config"): assert k in ck
     torch.save({**ck, "format_version": 2}, tmp_path / "newer.pt")
-    with pytest.raises(CheckpointError, match="newer crossclass_nb"): load_checkpoint(tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "newer.pt")     # message: asserted in 06
     (tmp_path / "cut.pt").write_bytes((run_dir / "last.pt").read_bytes()[:3000])
     with pytest.raises(CheckpointError, match="truncated"): load_checkpoint(tmp_path / "cut.pt")
     extra = dict(ck["model"]); extra["head.extra"] = torch.zeros(1)
@@ -88,8 +88,8 @@ def test_malicious_checkpoints_never_run(run_dir, tmp_path):
 
 def test_refusals_leave_disk_unchanged(run_dir, tmp_path, snapshot):
     before = snapshot(run_dir)
-    with pytest.raises(RunDirError, match="already holds a run"): train(get_config("fmnist-tiny", **TINY), run_dir)
-    with pytest.raises(RunDirError, match="differs from"): train(get_config("fmnist-tiny", **{**TINY, "lr": 0.5}), run_dir, resume=True)
+    with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **TINY), run_dir)     # messages: asserted in 06
+    with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **{**TINY, "lr": 0.5}), run_dir, resume=True)
     with pytest.raises(InputError, match="exclude each other"): train(None, run_dir, resume=True, overwrite=True)
     assert snapshot(run_dir) == before
     other = tmp_path / "other"; other.mkdir(); (other / "notes.txt").write_text("mine")
