@@ -5,17 +5,16 @@
 # %% ../nbs/10_what_happens_when.ipynb #77591415
 from __future__ import annotations
 
+import atexit
 import contextlib
-import copy
 import hashlib
 import io
-import json
 import os
 import shutil
 import stat
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from unittest import mock
@@ -24,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import core, data
+from . import data
 from .attacks import PGD, accuracy, autoattack_accuracy, pgd
 from .attribution import attribution_report, cas, class_attributions, similarity_matrix
-from .core import (CheckpointError, CrossclassError, DataError, InputError, RunDirError, get_device,
-                                parse_number, safe_load, set_seed)
-from .data import Dataset, TensorLoader, load_dataset, make_fake_cifar, stratified_subset, \
-    train_val_split, write_idx
+from .core import CheckpointError, CrossclassError, DataError, InputError, RunDirError
+from .core import get_device, parse_number, safe_load, set_seed
+from .data import Dataset, TensorLoader, load_dataset, make_fake_cifar
+from .data import stratified_subset, train_val_split, write_idx
 from .models import get_model
 
 # %% auto #0
@@ -72,6 +71,7 @@ def tiny_run() -> Path:
     if not _TINY_RUN:
         from crossclass_nb.training import get_config, train
         d = Path(tempfile.mkdtemp(prefix="crossclass_tiny_")) / "run"
+        atexit.register(shutil.rmtree, d.parent, ignore_errors=True)  # removed when the process ends
         train(get_config("fmnist-tiny", **TINY), d, quiet=True)
         _TINY_RUN.append(d)
     return _TINY_RUN[0]
