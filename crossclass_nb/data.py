@@ -761,11 +761,11 @@ def _plan_batches(x: torch.Tensor, y: torch.Tensor, # the whole dataset, on the 
                  ):
     "Yield the `(x, y)` batches of one epoch plan."
     for b in range(n_batches):
-        s = slice(b * batch_size, (b + 1) * batch_size)
-        i = plan["idx"][s]
-        xb = x.index_select(0, i) # index_select: much faster than x[i] on the CPU, same on a GPU
-        if augment: xb = crop_flip(xb, plan["oy"][s], plan["ox"][s], plan["flip"][s], pad)
-        yield xb, y.index_select(0, i)
+        part = slice(b * batch_size, (b + 1) * batch_size)
+        idx = plan["idx"][part]
+        xb = x.index_select(0, idx) # index_select: much faster than x[idx] on the CPU, same on a GPU
+        if augment: xb = crop_flip(xb, plan["oy"][part], plan["ox"][part], plan["flip"][part], pad)
+        yield xb, y.index_select(0, idx)
 
 # %% ../nbs/01_data.ipynb #f548a10d
 class TensorLoader:
