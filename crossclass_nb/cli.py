@@ -407,7 +407,7 @@ def _run_cas(args):
     print(f"wrote files to {out}")
     return 0
 
-# %% ../nbs/09_cli.ipynb #e9ce10f6
+# %% ../nbs/09_cli.ipynb #556a04f7
 def _add_slurm_options(p):
     "The launcher options of `crossclass reproduce`."
     from crossclass_nb.launchers import LAUNCHERS
@@ -418,7 +418,7 @@ def _add_slurm_options(p):
     p.add_argument("--slurm-time", type=int, metavar="MIN",
                    help="--launcher slurm: minutes a job may run (default 1440)")
 
-# %% ../nbs/09_cli.ipynb #6227c21a
+# %% ../nbs/09_cli.ipynb #fc6432ec
 _REPRODUCE = ("Train every run of a study (hard labels, label smoothing, distillation, standard training; CAS "
               "tracked), judge the paper's claims and write a self-contained report.html with the CSV/JSON behind it. "
               "Default: the Fashion-MNIST study with 30% label noise, a regime that overfits.")
@@ -446,7 +446,7 @@ def _add_reproduce(sub):
     _add_slurm_options(p)
     p.set_defaults(func=_run_reproduce)
 
-# %% ../nbs/09_cli.ipynb #ffa20184
+# %% ../nbs/09_cli.ipynb #89bd4e16
 def parse_seeds(text: str) -> tuple:
     "'3' -> (0, 1, 2); '0,4' -> (0, 4)."
     bad = InputError(f"--seeds {text!r}: give a number of seeds (3) or a list (0,1,2)")
@@ -464,7 +464,7 @@ def _slurm_options(args) -> dict | None:
         return None
     return {"gpus_per_run": 1, "time": 1440, **given}
 
-# %% ../nbs/09_cli.ipynb #8d8f3c14
+# %% ../nbs/09_cli.ipynb #61d6312e
 def _reproduce_choices(args) -> tuple:
     "The preset, seeds and methods that the arguments name."
     if args.quick and args.preset not in ("fmnist-noise", "fmnist-quick"):
@@ -482,7 +482,7 @@ def _print_claims(out: Path) -> None:
     print("\nclaims:")
     for c in json.loads((out / "claims.json").read_text()): print(f"  {c['id']}: {c['verdict']:<18} {c['claim'][:90]}")
 
-# %% ../nbs/09_cli.ipynb #a9f2d943
+# %% ../nbs/09_cli.ipynb #90e6d836
 def _run_reproduce(args) -> int:
     "`crossclass reproduce`: prints the output directory first, the verdicts and the report's path at the end."
     from crossclass_nb.experiments import default_out_dir, get_study, reproduce

@@ -39,11 +39,11 @@ __all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER
            'Study', 'StudyProgress', 'load_study', 'run_finished', 'run_study', 'study_jobs', 'train_job', 'train_spec',
            'Table']
 
-# %% ../nbs/07_robust_overfitting.ipynb #7dc37631
+# %% ../nbs/07_robust_overfitting.ipynb #c6689660
 _all_ = ["STUDY_FILES", "ReportCB", "RunSpec", "Study", "StudyProgress", "load_study", "run_finished", "run_study",
          "study_jobs", "train_job", "train_spec", "Table"]
 
-# %% ../nbs/07_robust_overfitting.ipynb #2e9fac9a
+# %% ../nbs/07_robust_overfitting.ipynb #780708f3
 METHODS = {
     "at": "AT (hard labels)",
     "ls": "AT + label smoothing",
@@ -54,7 +54,7 @@ METHODS = {
 SOFT_METHODS = ("ls", "kd_ema", "kd_at")
 LABEL_SMOOTHING = 0.2
 
-# %% ../nbs/07_robust_overfitting.ipynb #beb407fb
+# %% ../nbs/07_robust_overfitting.ipynb #765901dd
 def method_overrides(method: str, # a key of `METHODS`
                      base: TrainConfig, # the study's base config (hard-label PGD-AT)
                     ) -> dict:
@@ -78,11 +78,11 @@ def eps_overrides(base: TrainConfig, # the study's base config
     ea = base.eval_alpha / e0 if base.eval_alpha else None
     return {"eps": eps, "alpha": a * eps if a else None, "eval_eps": None, "eval_alpha": ea * eps if ea else None}
 
-# %% ../nbs/07_robust_overfitting.ipynb #e0a2b72b
+# %% ../nbs/07_robust_overfitting.ipynb #d84996d3
 def _run_name(method: str, eps: float, seed: int, unit: float = 1.0) -> str:
     return f"{method}_eps{eps / unit:.4g}_s{seed}"
 
-# %% ../nbs/07_robust_overfitting.ipynb #db746065
+# %% ../nbs/07_robust_overfitting.ipynb #999654e7
 def make_study(name: str, # the study's name
                base: TrainConfig, # hard-label PGD-AT config at the main eps
                seeds=(0, 1), # training seeds
@@ -114,7 +114,7 @@ def make_study(name: str, # the study's name
             runs.append(RunSpec(_run_name("at", e, seed, eps_unit), "at", seed, cfg))
     return Study(name, description, runs, base.eps, reference, eps_unit)
 
-# %% ../nbs/07_robust_overfitting.ipynb #06c096a0
+# %% ../nbs/07_robust_overfitting.ipynb #078a52d3
 PAPER_CIFAR10 = {
     "dataset": "CIFAR-10, PreActResNet-18, PGD-AT l_inf 8/255, 200 epochs (the paper, via a secondary summary; "
                "approximate; the attack behind its robust accuracies is not known, possibly AutoAttack)",
@@ -129,7 +129,7 @@ PAPER_CIFAR100 = {"dataset": "CIFAR-100, PreActResNet-18, PGD-AT l_inf 8/255 (th
                   "table": [{"checkpoint": "best", "epoch": None, "robust_acc": None, "cas": 569},
                             {"checkpoint": "last", "epoch": None, "robust_acc": None, "cas": 352}]}
 
-# %% ../nbs/07_robust_overfitting.ipynb #10425acb
+# %% ../nbs/07_robust_overfitting.ipynb #10ea0e7a
 FMNIST_SCALES = {
     "cpu": dict(model="mlp", model_kwargs={"hidden": [512, 512]}, train_size=300, val_size=500, test_size=1000,
                 epochs=100, milestones=[50, 75], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5, eval_steps=10,
@@ -142,17 +142,17 @@ FMNIST_SCALES = {
                   eval_alpha=0.025, eval_every=1, cas_every=1, kd_decay=0.9, kd_temperature=2.0),
 }
 
-# %% ../nbs/07_robust_overfitting.ipynb #3b599dd4
+# %% ../nbs/07_robust_overfitting.ipynb #10d64140
 FMNIST_SCALES["noise"] = {**FMNIST_SCALES["clean"], "label_noise": 0.3}
 
-# %% ../nbs/07_robust_overfitting.ipynb #9e60b104
+# %% ../nbs/07_robust_overfitting.ipynb #5fefba42
 def fmnist_config(scale: str = "cpu", # a key of `FMNIST_SCALES`
                   **overrides) -> TrainConfig:
     "The hard-label PGD-AT config of the Fashion-MNIST study at `scale`."
     if scale not in FMNIST_SCALES: raise InputError(f"unknown scale {scale!r}: use one of {', '.join(FMNIST_SCALES)}")
     return get_config("fmnist-cpu", **{**FMNIST_SCALES[scale], "figures": False, "save_every": 0, **overrides})
 
-# %% ../nbs/07_robust_overfitting.ipynb #6733b2cf
+# %% ../nbs/07_robust_overfitting.ipynb #54aec8a5
 _FMNIST_DESC = ("PGD adversarial training on Fashion-MNIST at CPU scale ({scale} scale): an MLP, class-balanced "
                 "subsets (training {train}, validation {val} for choosing the best checkpoint, test {test} for "
                 "reporting), l_inf eps {eps} (PGD-{steps} training, PGD-{esteps} evaluation every {every} epoch(s)), "
@@ -161,13 +161,13 @@ _FMNIST_DESC = ("PGD adversarial training on Fashion-MNIST at CPU scale ({scale}
                 "training, each over seeds {seeds}; hard-label AT also at eps {sweep}. Each seed draws its own "
                 "training subset{noise}. CAS is measured on PGD test examples at every evaluation.")
 
-# %% ../nbs/07_robust_overfitting.ipynb #524b9545
+# %% ../nbs/07_robust_overfitting.ipynb #422e5f06
 def _noise_text(rate: float) -> str:
     if not rate: return ""
     return (f"; {100 * rate:g}% of its training labels are replaced by another class (validation and test labels "
             "are clean)")
 
-# %% ../nbs/07_robust_overfitting.ipynb #0b0b5a6a
+# %% ../nbs/07_robust_overfitting.ipynb #b064fa94
 def fmnist_study(scale: str = "cpu", # "cpu" (the default study) or "quick" (tests)
                  seeds=(0, 1), # training seeds
                  methods=tuple(METHODS), # methods compared at eps 0.1
@@ -183,7 +183,7 @@ def fmnist_study(scale: str = "cpu", # "cpu" (the default study) or "quick" (tes
                                sweep=", ".join(f"{e:g}" for e in sweep_eps), noise=_noise_text(base.label_noise))
     return make_study(name or f"fmnist-{scale}", base, seeds, methods, sweep_eps, desc, PAPER_CIFAR10)
 
-# %% ../nbs/07_robust_overfitting.ipynb #dfc1175c
+# %% ../nbs/07_robust_overfitting.ipynb #5dcff6ce
 def paper_study(dataset: str = "cifar10", # "cifar10" or "cifar100"
                 seeds=(0,), methods=("at", "kd_ema", "ls", "std"), sweep_eps=(), **overrides) -> Study:
     "The authors' full recipe (PreActResNet-18, 200 epochs, PGD-10 8/255) on CIFAR: for a GPU."
@@ -197,13 +197,13 @@ def paper_study(dataset: str = "cifar10", # "cifar10" or "cifar100"
     return make_study(f"{dataset}-paper", base, seeds, methods, sweep_eps, desc,
                       PAPER_CIFAR10 if dataset == "cifar10" else PAPER_CIFAR100, eps_unit=1 / 255)
 
-# %% ../nbs/07_robust_overfitting.ipynb #8ba06430
+# %% ../nbs/07_robust_overfitting.ipynb #44a022ff
 EARLY_FRACTION = 0.35 # the paper's underfitting checkpoint: epoch 70 of 200
 
-# %% ../nbs/07_robust_overfitting.ipynb #45abc99c
+# %% ../nbs/07_robust_overfitting.ipynb #a4832427
 def _finite(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-# %% ../nbs/07_robust_overfitting.ipynb #a6d667ce
+# %% ../nbs/07_robust_overfitting.ipynb #23ff7dbd
 def checkpoint_epochs(rows: list[dict], # `load_metrics` of a run
                       epochs: int | None = None, # length of the schedule (default: the last epoch)
                      ) -> dict:
@@ -259,7 +259,7 @@ def run_summary(run_dir: str | Path, # a run directory (full, or light: no check
              seconds=sum(r[k] for r in rows for k in ("time_train", "time_eval") if _finite(r.get(k))))
     return s
 
-# %% ../nbs/07_robust_overfitting.ipynb #4dcb0975
+# %% ../nbs/07_robust_overfitting.ipynb #f6157891
 def cas_record(run_dir: str | Path, # a run directory
                epoch: int, # an epoch with a CAS measurement
               ) -> dict:
@@ -269,7 +269,7 @@ def cas_record(run_dir: str | Path, # a run directory
                                           "pick an epoch with a measurement (cas_every)")
     return json.loads(p.read_text())
 
-# %% ../nbs/07_robust_overfitting.ipynb #ad467ffc
+# %% ../nbs/07_robust_overfitting.ipynb #7863cc29
 def study_summary(out_dir: str | Path, # a study directory written by `run_study`
                  ) -> list[dict]:
     "One `run_summary` per finished run of the study, with its method, seed and eps."
@@ -279,14 +279,14 @@ def study_summary(out_dir: str | Path, # a study directory written by `run_study
              "seed": s.seed, "eps": s.eps}
             for s in study.runs if run_finished(out / "runs" / s.name, s.config.epochs)]
 
-# %% ../nbs/07_robust_overfitting.ipynb #1a9cfe90
+# %% ../nbs/07_robust_overfitting.ipynb #cb9dee40
 def mean_sd(values) -> tuple[float, float]:
     "Mean and sample standard deviation (0 for one value) of the finite values."
     v = [x for x in values if _finite(x)]
     if not v: return float("nan"), float("nan")
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
-# %% ../nbs/07_robust_overfitting.ipynb #9d503efe
+# %% ../nbs/07_robust_overfitting.ipynb #cacbe973
 def fmt_spread(values, digits: int = 1) -> str:
     "'mean ± sd (v1, v2, ...)' of per-seed values."
     m, sd = mean_sd(values)
@@ -294,23 +294,23 @@ def fmt_spread(values, digits: int = 1) -> str:
     each = ", ".join("n/a" if not _finite(v) else f"{v:.{digits}f}" for v in values)
     return f"{m:.{digits}f} ± {sd:.{digits}f} ({each})" if len(values) > 1 else f"{m:.{digits}f}"
 
-# %% ../nbs/07_robust_overfitting.ipynb #52126fa6
+# %% ../nbs/07_robust_overfitting.ipynb #778fc247
 def _plt():
     import matplotlib
     if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"): matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
-# %% ../nbs/07_robust_overfitting.ipynb #9ca0b6d1
+# %% ../nbs/07_robust_overfitting.ipynb #00eb1ad1
 def _decays(cfg: TrainConfig, last: int) -> list:
     return [m for m in cfg.milestones if m < last] if cfg.schedule == "multistep" else []
 
-# %% ../nbs/07_robust_overfitting.ipynb #3bfde457
+# %% ../nbs/07_robust_overfitting.ipynb #183cd7d3
 def _series(rows, k, scale=1.0):
     pts = [(r["epoch"], scale * r[k]) for r in rows if _finite(r.get(k))]
     return [e for e, _ in pts], [v for _, v in pts]
 
-# %% ../nbs/07_robust_overfitting.ipynb #8d2f28bb
+# %% ../nbs/07_robust_overfitting.ipynb #65f52c2d
 def plot_run_curves(run_dir: str | Path, # a run directory
                     title: str | None = None, # figure title (default: the run's name)
                    ):
@@ -389,13 +389,13 @@ def plot_per_class(run_dir: str | Path, # a run directory with cas/epoch_XXX.jso
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_robust_overfitting.ipynb #6675aa24
+# %% ../nbs/07_robust_overfitting.ipynb #078f70f0
 def _mean_curve(run_dirs, k, scale=1.0):
     series = [dict(zip(*_series(load_metrics(d), k, scale))) for d in run_dirs]
     common = sorted(set.intersection(*[set(s) for s in series])) if series else []
     return common, [float(np.mean([s[e] for s in series])) for e in common]
 
-# %% ../nbs/07_robust_overfitting.ipynb #c536d450
+# %% ../nbs/07_robust_overfitting.ipynb #5823b199
 def plot_methods(out_dir: str | Path, # a study directory
                  methods=tuple(METHODS), # which methods to draw
                 ):
@@ -425,15 +425,16 @@ def plot_methods(out_dir: str | Path, # a study directory
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_robust_overfitting.ipynb #618f531e
-def _pick(rows, method, eps=None):
+# %% ../nbs/07_robust_overfitting.ipynb #6e308b50
+def _method_rows(rows, method, eps=None):
+    "The summary rows of `method` (at `eps`, if given), ordered by seed."
     out = [r for r in rows if r["method"] == method and (eps is None or math.isclose(r["eps"], eps, rel_tol=1e-6))]
     return sorted(out, key=lambda r: r["seed"])
 
-# %% ../nbs/07_robust_overfitting.ipynb #2fbaef0e
+# %% ../nbs/07_robust_overfitting.ipynb #0f798007
 def _col(seed_rows, k): return [r[k] for r in seed_rows]
 
-# %% ../nbs/07_robust_overfitting.ipynb #abb2329e
+# %% ../nbs/07_robust_overfitting.ipynb #a55cc748
 def plot_eps_sweep(out_dir: str | Path): # a study directory
     "Hard-label AT against eps: ΔCAS, the overfitting gap and the CAS level (mean ± sd over seeds)."
     plt = _plt()
@@ -447,7 +448,7 @@ def plot_eps_sweep(out_dir: str | Path): # a study directory
              (("cas_best", "cas_last"), "CAS")
     for ax, (keys, ylabel) in zip(axes, panels):
         for k in keys:
-            ms = [mean_sd(_col(_pick(rows, "at", e), k)) for e in eps]
+            ms = [mean_sd(_col(_method_rows(rows, "at", e), k)) for e in eps]
             ax.errorbar(x, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
                         label=k.replace("_", " "))
         ax.axhline(0, color="grey", lw=0.8)
@@ -461,14 +462,14 @@ def plot_eps_sweep(out_dir: str | Path): # a study directory
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_robust_overfitting.ipynb #f19d0490
+# %% ../nbs/07_robust_overfitting.ipynb #852f5afb
 VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
 OVERFIT_GAP = 3.0 # points of test robust accuracy (best - last), mean over seeds, for a setting to count as overfitting
 CONFIDENCE = 0.95 # level of the paired confidence interval that decides whether a difference is clear
 RHO_CLEAR = 0.5 # |Spearman rho| of a clear trend over epochs (same sign in every seed)
 RHO_TREND = 0.8 # Spearman rho of a clear trend over the eps sweep
 
-# %% ../nbs/07_robust_overfitting.ipynb #1fd84366
+# %% ../nbs/07_robust_overfitting.ipynb #5fe8c915
 def mean_ci(values) -> tuple[float, float, float]:
     "Mean and the Student-t `CONFIDENCE` interval of the mean of the finite values (NaN interval for fewer than 2)."
     from scipy.stats import t as student_t
@@ -479,16 +480,16 @@ def mean_ci(values) -> tuple[float, float, float]:
     half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
     return m, m - half, m + half
 
-# %% ../nbs/07_robust_overfitting.ipynb #0e642469
+# %% ../nbs/07_robust_overfitting.ipynb #b14529c2
 def direction(values) -> int:
     "+1 if the confidence interval of the mean lies above 0, -1 if below, 0 if it holds 0 (or has fewer than 2 values)."
     _, lo, hi = mean_ci(values)
     return 1 if lo > 0 else -1 if hi < 0 else 0
 
-# %% ../nbs/07_robust_overfitting.ipynb #f8077524
+# %% ../nbs/07_robust_overfitting.ipynb #7e1e7399
 _DIRECTION = {1: "clearly positive", 0: "unclear", -1: "clearly negative"}
 
-# %% ../nbs/07_robust_overfitting.ipynb #733caf80
+# %% ../nbs/07_robust_overfitting.ipynb #78f54eb7
 def fmt_ci(values, digits: int = 1) -> str:
     "'mean [low, high] (v1, v2, ...)': the confidence interval of the mean and the per-seed values."
     m, lo, hi = mean_ci(values)
@@ -497,25 +498,25 @@ def fmt_ci(values, digits: int = 1) -> str:
     if math.isnan(lo): return f"{m:.{digits}f} ({each})"
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] ({each})"
 
-# %% ../nbs/07_robust_overfitting.ipynb #24b8f125
+# %% ../nbs/07_robust_overfitting.ipynb #fc3ce089
 def sign_verdict(values) -> str:
     "'reproduced' if the values are clearly positive (confidence interval above 0), else 'not reproduced'."
     if not [x for x in values if _finite(x)]: return "not testable here"
     return "reproduced" if direction(values) > 0 else "not reproduced"
 
-# %% ../nbs/07_robust_overfitting.ipynb #f0fa3e50
+# %% ../nbs/07_robust_overfitting.ipynb #c1ba2fab
 def parts_verdict(parts) -> str:
     "Every part clear in the claimed direction -> reproduced; some -> partly; none -> not reproduced."
     if not parts: return "not testable here"
     return "reproduced" if all(parts) else "partly" if any(parts) else "not reproduced"
 
-# %% ../nbs/07_robust_overfitting.ipynb #99209451
+# %% ../nbs/07_robust_overfitting.ipynb #29ba8632
 def overfits(gaps) -> bool:
     "Robust overfitting: best - last test robust accuracy >= `OVERFIT_GAP` points on average and > 0 in every seed."
     v = [x for x in gaps if _finite(x)]
     return bool(v) and float(np.mean(v)) >= OVERFIT_GAP and all(x > 0 for x in v)
 
-# %% ../nbs/07_robust_overfitting.ipynb #d73c9941
+# %% ../nbs/07_robust_overfitting.ipynb #d45524aa
 def _combine(verdicts) -> str:
     "All reproduced -> reproduced; any reproduced/partly -> partly; else not reproduced (untestable parts ignored)."
     v = [x for x in verdicts if x != "not testable here"]
@@ -523,16 +524,16 @@ def _combine(verdicts) -> str:
     if all(x == "reproduced" for x in v): return "reproduced"
     return "partly" if any(x in ("reproduced", "partly") for x in v) else "not reproduced"
 
-# %% ../nbs/07_robust_overfitting.ipynb #983e2cd5
+# %% ../nbs/07_robust_overfitting.ipynb #967a9466
 def _ci_text(values) -> str: return f"{fmt_ci(values)}, {_DIRECTION[direction(values)]}"
 
-# %% ../nbs/07_robust_overfitting.ipynb #1e9239a5
+# %% ../nbs/07_robust_overfitting.ipynb #dabde64a
 def _claim1(rows, main_eps, unit):
     at = [r for r in rows if r["method"] == "at"]
     if not at: return "not testable here", "no hard-label AT runs", {}
     parts, clear, nums = [], [], {}
     for e in sorted({r["eps"] for r in at}):
-        seed_rows = _pick(rows, "at", e)
+        seed_rows = _method_rows(rows, "at", e)
         g, d = _col(seed_rows, "gap"), _col(seed_rows, "dcas")
         nums[f"eps={e / unit:.4g}"] = {"gap": g, "dcas": d, "overfits": overfits(g), "dcas_ci": mean_ci(d)}
         text = f"eps {e / unit:.4g}: gap {fmt_spread(g)} pt"
@@ -541,9 +542,9 @@ def _claim1(rows, main_eps, unit):
     if not clear: return "not testable here", "no setting overfits; " + "; ".join(parts), nums
     return parts_verdict(clear), "; ".join(parts), nums
 
-# %% ../nbs/07_robust_overfitting.ipynb #5a961a39
+# %% ../nbs/07_robust_overfitting.ipynb #7948532e
 def _claim2(rows, main_eps, unit):
-    seed_rows = _pick(rows, "at", main_eps)
+    seed_rows = _method_rows(rows, "at", main_eps)
     if not seed_rows: return "not testable here", "no hard-label AT runs at the main eps", {}
     rho = _col(seed_rows, "rho_rise")
     text = (f"ρ(epoch, CAS) up to best: {fmt_spread(rho, 2)}; CAS early {fmt_spread(_col(seed_rows, 'cas_early'))} "
@@ -555,20 +556,20 @@ def _claim2(rows, main_eps, unit):
         return "not testable here", text + " (best checkpoint before the third measurement)", nums
     return parts_verdict([all(_finite(x) and x >= RHO_CLEAR for x in rho)]), text, nums
 
-# %% ../nbs/07_robust_overfitting.ipynb #36dc72a1
+# %% ../nbs/07_robust_overfitting.ipynb #ea90201b
 def _comovement(rows, main_eps) -> str:
     "Gap, ΔCAS and ρ after best of the other methods at the main eps (reported beside claim 3)."
     out = []
     for m in [m for m in METHODS if m != "at"]:
-        seed_rows = _pick(rows, m, main_eps)
+        seed_rows = _method_rows(rows, m, main_eps)
         if seed_rows: out.append(f"{m}: gap {fmt_spread(_col(seed_rows, 'gap'))}, ΔCAS "
                                  f"{fmt_spread(_col(seed_rows, 'dcas'))}, ρ fall "
                                  f"{fmt_spread(_col(seed_rows, 'rho_fall'), 2)}")
     return ("; other methods: " + "; ".join(out)) if out else ""
 
-# %% ../nbs/07_robust_overfitting.ipynb #776157d1
+# %% ../nbs/07_robust_overfitting.ipynb #8c4a8049
 def _claim3(rows, main_eps, unit):
-    seed_rows = _pick(rows, "at", main_eps)
+    seed_rows = _method_rows(rows, "at", main_eps)
     if not seed_rows: return "not testable here", "no hard-label AT runs at the main eps", {}
     g, rho, d = _col(seed_rows, "gap"), _col(seed_rows, "rho_fall"), _col(seed_rows, "dcas")
     text = (f"gap {fmt_spread(g)} pt; ΔCAS {_ci_text(d)}; ρ(epoch, CAS) from best to last {fmt_spread(rho, 2)}; "
@@ -577,22 +578,22 @@ def _claim3(rows, main_eps, unit):
     if not overfits(g): return "not testable here", "no robust overfitting: " + text, nums
     return parts_verdict([direction(d) > 0, all(_finite(r) and r <= -RHO_CLEAR for r in rho)]), text, nums
 
-# %% ../nbs/07_robust_overfitting.ipynb #a1690d7e
+# %% ../nbs/07_robust_overfitting.ipynb #4cc432de
 def _eps_trend(rows, eps_values, key) -> tuple[list, float, bool]:
     "Seed means of `key` over eps, their Spearman rho with eps, and whether largest − smallest eps is clearly positive."
-    means = [mean_sd(_col(_pick(rows, "at", e), key))[0] for e in eps_values]
-    lo, hi = ({r["seed"]: r[key] for r in _pick(rows, "at", e)} for e in (eps_values[0], eps_values[-1]))
+    means = [mean_sd(_col(_method_rows(rows, "at", e), key))[0] for e in eps_values]
+    lo, hi = ({r["seed"]: r[key] for r in _method_rows(rows, "at", e)} for e in (eps_values[0], eps_values[-1]))
     paired = [hi[s] - lo[s] for s in hi if s in lo]
     return means, spearman(eps_values, means), direction(paired) > 0
 
-# %% ../nbs/07_robust_overfitting.ipynb #9eb6d9e8
+# %% ../nbs/07_robust_overfitting.ipynb #6b2784fd
 def _claim4(rows, main_eps, unit):
     eps_values = sorted({r["eps"] for r in rows if r["method"] == "at"})
     if len(eps_values) < 3:
         return "not testable here", f"the study has {len(eps_values)} eps value(s), the criterion needs 3", {}
     mean_dcas, rho_dcas, clear_dcas = _eps_trend(rows, eps_values, "dcas")
     mean_gap, rho_gap, clear_gap = _eps_trend(rows, eps_values, "gap")
-    any_over = any(overfits(_col(_pick(rows, "at", e), "gap")) for e in eps_values)
+    any_over = any(overfits(_col(_method_rows(rows, "at", e), "gap")) for e in eps_values)
     text = (f"eps {', '.join(f'{e / unit:.4g}' for e in eps_values)}: mean ΔCAS "
             f"{', '.join(f'{x:.1f}' for x in mean_dcas)} (ρ {rho_dcas:.2f}, largest − smallest eps "
             f"{'clearly positive' if clear_dcas else 'not clear'}); mean gap {', '.join(f'{x:.1f}' for x in mean_gap)} "
@@ -602,16 +603,16 @@ def _claim4(rows, main_eps, unit):
     up = lambda r: _finite(r) and r >= RHO_TREND
     return parts_verdict([up(rho_dcas) and clear_dcas, up(rho_gap) and clear_gap and any_over]), text, nums
 
-# %% ../nbs/07_robust_overfitting.ipynb #c5e46a22
+# %% ../nbs/07_robust_overfitting.ipynb #ef30b547
 def _claim5(rows, main_eps, unit):
-    hard = {r["seed"]: r for r in _pick(rows, "at", main_eps)}
-    soft = [m for m in SOFT_METHODS if _pick(rows, m, main_eps)]
+    hard = {r["seed"]: r for r in _method_rows(rows, "at", main_eps)}
+    soft = [m for m in SOFT_METHODS if _method_rows(rows, m, main_eps)]
     if not hard or not soft:
         return "not testable here", "the study needs hard-label AT and at least one soft-label method", {}
     testable_b = overfits([r["gap"] for r in hard.values()])
     texts, parts, nums = [], [], {}
     for m in soft:
-        seed_rows = [r for r in _pick(rows, m, main_eps) if r["seed"] in hard]
+        seed_rows = [r for r in _method_rows(rows, m, main_eps) if r["seed"] in hard]
         a = [r["cas_last"] - hard[r["seed"]]["cas_last"] for r in seed_rows]
         b = [hard[r["seed"]]["gap"] - r["gap"] for r in seed_rows]
         parts += [direction(a) > 0] + ([direction(b) > 0] if testable_b else [False])
@@ -621,10 +622,10 @@ def _claim5(rows, main_eps, unit):
     text = "; ".join(texts) + ("" if testable_b else " (hard-label AT does not overfit: the gap part is untestable)")
     return parts_verdict(parts), text, nums
 
-# %% ../nbs/07_robust_overfitting.ipynb #d9d59188
+# %% ../nbs/07_robust_overfitting.ipynb #1a0e66ab
 def _claim_std(rows, main_eps, unit):
-    hard = {r["seed"]: r for r in _pick(rows, "at", main_eps)}
-    std = [r for r in _pick(rows, "std", main_eps) if r["seed"] in hard]
+    hard = {r["seed"]: r for r in _method_rows(rows, "at", main_eps)}
+    std = [r for r in _method_rows(rows, "std", main_eps) if r["seed"] in hard]
     if not std: return "not testable here", "the study has no standard-training runs", {}
     d = [hard[r["seed"]]["cas_best"] - r["cas_best"] for r in std]
     text = (f"CAS(best) AT {fmt_spread([hard[r['seed']]['cas_best'] for r in std])} vs standard "
@@ -657,7 +658,7 @@ CLAIMS = [
      "test": _claim3},
 ]
 
-# %% ../nbs/07_robust_overfitting.ipynb #e92b4a85
+# %% ../nbs/07_robust_overfitting.ipynb #eb6a4596
 CLAIMS += [
     {"id": "4", "claim": "Larger eps means more forgetting (ΔCAS) and more robust overfitting, up to very large eps.",
      "criterion": _CLEAR + f"Hard-label AT over the eps sweep (≥ 3 values): (a) Spearman ρ between eps and the "
@@ -706,23 +707,23 @@ def evaluate_claims(rows: list[dict], # `study_summary` rows
     return [dict(out[c["id"]], seeds=n_seeds) for c in CLAIMS]
 
 
-# %% ../nbs/07_robust_overfitting.ipynb #523b50c7
+# %% ../nbs/07_robust_overfitting.ipynb #816b7e05
 def _ms(values, digits=1) -> str:
     m, sd = mean_sd(values)
     if math.isnan(m): return "–"
     return f"{m:.{digits}f} ± {sd:.{digits}f}" if len([v for v in values if _finite(v)]) > 1 else f"{m:.{digits}f}"
 
-# %% ../nbs/07_robust_overfitting.ipynb #e105279b
+# %% ../nbs/07_robust_overfitting.ipynb #0154d88a
 def _epochs(seed_rows, k) -> str: return ", ".join(str(r[k]) for r in seed_rows)
 
-# %% ../nbs/07_robust_overfitting.ipynb #07a0442c
+# %% ../nbs/07_robust_overfitting.ipynb #2b021f01
 def methods_table(rows: list[dict], # `study_summary` rows
                   main_eps: float, # eps of the comparison
                  ) -> Table:
     "Best / last test robust accuracy and CAS per method (mean ± sd over seeds)."
     out = []
     for m, label in METHODS.items():
-        seed_rows = _pick(rows, m, main_eps)
+        seed_rows = _method_rows(rows, m, main_eps)
         if not seed_rows: continue
         out.append({"method": label, "seeds": len(seed_rows), "best epoch": _epochs(seed_rows, "best_epoch"),
                     "clean acc best %": _ms(_col(seed_rows, "clean_best")),
@@ -733,14 +734,14 @@ def methods_table(rows: list[dict], # `study_summary` rows
                     "CAS max (epoch)": f"{_ms(_col(seed_rows, 'cas_max'))} ({_epochs(seed_rows, 'cas_max_epoch')})"})
     return Table(out, title="Methods at the main eps (test split; best = selected on validation)")
 
-# %% ../nbs/07_robust_overfitting.ipynb #f9dc6acb
+# %% ../nbs/07_robust_overfitting.ipynb #aae7997b
 def eps_table(rows: list[dict], # `study_summary` rows
               unit: float = 1.0, # display unit of eps
              ) -> Table:
     "Hard-label AT at each eps of the sweep (mean ± sd over seeds)."
     out = []
     for e in sorted({r["eps"] for r in rows if r["method"] == "at"}):
-        seed_rows = _pick(rows, "at", e)
+        seed_rows = _method_rows(rows, "at", e)
         out.append({"eps": f"{e / unit:.4g}", "seeds": len(seed_rows), "best epoch": _epochs(seed_rows, "best_epoch"),
                     "robust acc best %": _ms(_col(seed_rows, "rob_best")),
                     "robust acc last %": _ms(_col(seed_rows, "rob_last")),
@@ -750,13 +751,13 @@ def eps_table(rows: list[dict], # `study_summary` rows
                     "train robust acc last %": _ms(_col(seed_rows, "train_rob_last"))})
     return Table(out, title="Hard-label AT across eps")
 
-# %% ../nbs/07_robust_overfitting.ipynb #07f02d33
+# %% ../nbs/07_robust_overfitting.ipynb #8ff51946
 def paper_table(rows: list[dict], # `study_summary` rows
                 main_eps: float, # eps of the comparison
                 reference: dict | None = PAPER_CIFAR10, # the paper's numbers
                ) -> Table:
     "The paper's table format (checkpoint, epoch, robust accuracy, CAS): ours (mean ± sd) beside theirs."
-    at, kd = _pick(rows, "at", main_eps), _pick(rows, "kd_ema", main_eps)
+    at, kd = _method_rows(rows, "at", main_eps), _method_rows(rows, "kd_ema", main_eps)
     ref = {r["checkpoint"]: r for r in (reference or {}).get("table", [])}
     out = []
     for label, seed_rows, k in (("underfitting", at, "early"), ("best", at, "best"), ("last", at, "last"),
@@ -771,7 +772,7 @@ def paper_table(rows: list[dict], # `study_summary` rows
     theirs = (reference or {}).get("dataset", "none")
     return Table(out, title=f"Ours (mean ± sd over seeds) beside the paper's (theirs: {theirs})")
 
-# %% ../nbs/07_robust_overfitting.ipynb #5721da3f
+# %% ../nbs/07_robust_overfitting.ipynb #73d5513b
 def claims_table(claims: list[dict], # `evaluate_claims` output
                  with_criteria: bool = False, # add the criterion column
                 ) -> Table:
@@ -780,7 +781,7 @@ def claims_table(claims: list[dict], # `evaluate_claims` output
     seeds = claims[0]["seeds"] if claims else 0
     return Table([{k: c[k] for k in cols} for c in claims], cols, title=f"Claims ({seeds} seeds)")
 
-# %% ../nbs/07_robust_overfitting.ipynb #e2677d25
+# %% ../nbs/07_robust_overfitting.ipynb #35b94533
 def analyse_study(out_dir: str | Path, # a study directory
                  ) -> tuple[list[dict], list[dict]]:
     "Summarise every finished run and judge the claims; writes summary.csv/json and claims.csv/json; returns both."
@@ -796,7 +797,7 @@ def analyse_study(out_dir: str | Path, # a study directory
     atomic_write_text(out / "claims.json", json.dumps(claims, indent=1) + "\n")
     return rows, claims
 
-# %% ../nbs/07_robust_overfitting.ipynb #003ec25e
+# %% ../nbs/07_robust_overfitting.ipynb #f6e048a6
 def make_light(out_dir: str | Path, # a study directory
                keep_every: int = 0, # also keep the CAS records of every k-th epoch (0: only early, best, last and max)
               ) -> int:
@@ -831,7 +832,7 @@ def make_light(out_dir: str | Path, # a study directory
                 f.unlink()
     return freed
 
-# %% ../nbs/07_robust_overfitting.ipynb #6a2f8d31
+# %% ../nbs/07_robust_overfitting.ipynb #5a6d3a95
 def _run_figures(run_dir: Path, seed: int) -> list[tuple[str, object]]:
     "The figures of one hard-label AT run: curves, similarity matrices, per-class accuracy."
     return [(f"Hard-label AT, seed {seed}: accuracies and CAS per epoch; early (35% of the schedule), best "
@@ -840,7 +841,7 @@ def _run_figures(run_dir: Path, seed: int) -> list[tuple[str, object]]:
              "best − last difference.", plot_run_matrices(run_dir)),
             ("Per-class robust accuracy at the best and last checkpoints.", plot_per_class(run_dir))]
 
-# %% ../nbs/07_robust_overfitting.ipynb #f1b09e44
+# %% ../nbs/07_robust_overfitting.ipynb #3a1b10ca
 def report_figures(out_dir: str | Path, # a study directory
                   ) -> list[tuple[str, object]]:
     "The report's figures as (caption, matplotlib Figure), drawn from the study's run directories."
@@ -858,7 +859,7 @@ def report_figures(out_dir: str | Path, # a study directory
                      plot_eps_sweep(out)))
     return figs
 
-# %% ../nbs/07_robust_overfitting.ipynb #d32fef2d
+# %% ../nbs/07_robust_overfitting.ipynb #b64d576c
 def _claims_body(study: Study, rows: list[dict], claims: list[dict]) -> list[str]:
     "The claims with their verdicts and the tables of a claims study, as HTML."
     tables = [paper_table(rows, study.main_eps, study.reference), methods_table(rows, study.main_eps),
@@ -866,7 +867,7 @@ def _claims_body(study: Study, rows: list[dict], claims: list[dict]) -> list[str
     return ["<h2>Claims and verdicts</h2><p>Each verdict is computed from the numbers by the criterion in the last "
             "column.</p>", claims_html(claims), "<h2>Tables</h2>", *(t._repr_html_() for t in tables)]
 
-# %% ../nbs/07_robust_overfitting.ipynb #c9404363
+# %% ../nbs/07_robust_overfitting.ipynb #adc96fc6
 def write_report(out_dir: str | Path, # a study directory
                  info: dict | None = None, # facts for the settings section (command, timings); default timings.json
                 ) -> Path:
@@ -878,11 +879,11 @@ def write_report(out_dir: str | Path, # a study directory
     else: body = _claims_body(study, rows, claims)
     return write_study_report(out, study, len(rows), body, report_figures(out), info, METHODS)
 
-# %% ../nbs/07_robust_overfitting.ipynb #aa358403
+# %% ../nbs/07_robust_overfitting.ipynb #05c61d51
 PAPER_SHRUNK = dict(train_size=2000, val_size=500, test_size=1000, epochs=6, milestones=[3, 5], monitor_size=None,
                     eval_every=1, cas_every=1, save_every=0) # the GPU recipe in minutes: it runs; not a result
 
-# %% ../nbs/07_robust_overfitting.ipynb #e3e39945
+# %% ../nbs/07_robust_overfitting.ipynb #77fa2915
 def _fmnist_preset(scale: str):
     "A preset's builder: the Fashion-MNIST study at `scale` (every method unless told)."
     return lambda seeds, methods: fmnist_study(scale, seeds, methods or tuple(METHODS))
@@ -901,7 +902,7 @@ STUDY_PRESETS = {
     "cifar100-paper": dict(build=_paper_preset("cifar100"), seeds=(0,), jobs=1),
 }
 
-# %% ../nbs/07_robust_overfitting.ipynb #ffd01070
+# %% ../nbs/07_robust_overfitting.ipynb #ea09e8dc
 def get_study(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
               seeds=None, # seeds (default: the preset's)
               methods=None, # method keys (default: the preset's)
@@ -912,25 +913,25 @@ def get_study(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
     p = STUDY_PRESETS[preset]
     return p["build"](tuple(seeds) if seeds is not None else p["seeds"], tuple(methods) if methods else None)
 
-# %% ../nbs/07_robust_overfitting.ipynb #ae2bc3a9
+# %% ../nbs/07_robust_overfitting.ipynb #a926bd6e
 def default_out_dir(preset: str) -> Path:
     "Where a study of `preset` goes unless told: artifacts/reproduce/PRESET_TIMESTAMP."
     return Path("artifacts/reproduce") / f"{preset}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
 
-# %% ../nbs/07_robust_overfitting.ipynb #9316be0d
+# %% ../nbs/07_robust_overfitting.ipynb #d145a190
 def _command(preset: str) -> str:
     "The command line that started the study, or the Python call."
     if Path(sys.argv[0]).name == "crossclass": return " ".join(["crossclass"] + sys.argv[1:])
     return f"reproduce({preset!r})"
 
-# %% ../nbs/07_robust_overfitting.ipynb #8f6ee06c
+# %% ../nbs/07_robust_overfitting.ipynb #bf946e87
 def _machine(dev: torch.device) -> dict:
     "The device, machine and versions a study ran on."
     gpu = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
     return {"device": str(dev) + gpu, "machine": f"{platform.platform()}, {os.cpu_count()} CPU(s)",
             "torch": torch.__version__, "crossclass_nb": __version__}
 
-# %% ../nbs/07_robust_overfitting.ipynb #d29528e0
+# %% ../nbs/07_robust_overfitting.ipynb #f9aeaeba
 def _train_info(preset: str, started: str, seconds: float, times: dict, jobs: int, launcher: str | None, dev) -> dict:
     "What `timings.json` records about the training: command, times, launcher, machine, seconds per run."
     info = {"command": _command(preset), "preset": preset, "started": started,
@@ -939,7 +940,7 @@ def _train_info(preset: str, started: str, seconds: float, times: dict, jobs: in
             "runs": {k: round(v, 1) for k, v in times.items()}}
     return info
 
-# %% ../nbs/07_robust_overfitting.ipynb #4232af21
+# %% ../nbs/07_robust_overfitting.ipynb #7cdbd186
 def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
               out_dir: str | Path | None = None, # study directory (default: artifacts/reproduce/PRESET_TIMESTAMP)
               seeds=None, # seeds (default: the preset's)
@@ -972,7 +973,7 @@ def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
     atomic_write_text(out / "timings.json", json.dumps(info, indent=1) + "\n")
     return report
 
-# %% ../nbs/07_robust_overfitting.ipynb #2bc39a84
+# %% ../nbs/07_robust_overfitting.ipynb #01000073
 SEARCH_BASE = dict(FMNIST_SCALES["clean"], test_size=1000)
 LONG_SCHEDULE = dict(epochs=200, milestones=[100, 150], eval_every=10, cas_every=10)
 REGIME_SEARCH = {
@@ -993,7 +994,7 @@ REGIME_SEARCH = {
     "cnn64-n300-e200": {"model": "small_cnn", "model_kwargs": {"width": 64}, **LONG_SCHEDULE},
 }
 
-# %% ../nbs/07_robust_overfitting.ipynb #f8b2b863
+# %% ../nbs/07_robust_overfitting.ipynb #f0511435
 def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides of `SEARCH_BASE`
                  seeds=(0,), # seeds of every setting
                  name: str = "fmnist-regime-search", # the study's name
@@ -1010,12 +1011,12 @@ def search_study(candidates: dict = REGIME_SEARCH, # setting name -> overrides o
             f"training split; {len(seeds)} seed(s) each.")
     return Study(name, desc, runs, SEARCH_BASE["eps"], None, kind="search")
 
-# %% ../nbs/07_robust_overfitting.ipynb #0accfa2f
+# %% ../nbs/07_robust_overfitting.ipynb #b7efd7d2
 def _capacity(c: TrainConfig) -> str:
     if c.model == "small_cnn": return f"CNN {c.model_kwargs.get('width', 16)}/{2 * c.model_kwargs.get('width', 16)}"
     return f"MLP {'-'.join(map(str, c.model_kwargs.get('hidden', [])))}"
 
-# %% ../nbs/07_robust_overfitting.ipynb #bab5fd4e
+# %% ../nbs/07_robust_overfitting.ipynb #5af5c351
 def search_table(out_dir: str | Path) -> Table:
     "One row per run of a search study: how well it fit the training set and whether it overfit."
     rows, study = study_summary(out_dir), load_study(out_dir)
@@ -1033,7 +1034,7 @@ def search_table(out_dir: str | Path) -> Table:
                     "ρ fall": round(r["rho_fall"], 2)})
     return Table(out, title=f"{study.name}: one run per setting (test split; best selected on validation)")
 
-# %% ../nbs/07_robust_overfitting.ipynb #2dba447e
+# %% ../nbs/07_robust_overfitting.ipynb #394c3819
 def _axis(c: TrainConfig) -> str:
     "Which axis of the search a config varies (against `SEARCH_BASE`)."
     if c.label_noise: return "label noise"
@@ -1041,7 +1042,7 @@ def _axis(c: TrainConfig) -> str:
     if c.model != SEARCH_BASE["model"] or c.model_kwargs != SEARCH_BASE["model_kwargs"]: return "capacity (width)"
     return "training-set size" if c.train_size != SEARCH_BASE["train_size"] else "base"
 
-# %% ../nbs/07_robust_overfitting.ipynb #eaf8873d
+# %% ../nbs/07_robust_overfitting.ipynb #c0a8f074
 def plot_rice(out_dir: str | Path): # a search study directory
     "Gap (best − last test robust accuracy) against training robust accuracy at the last epoch, one point per run."
     plt = _plt()

@@ -368,7 +368,7 @@ def launch(jobs: list[Job], # the jobs; each starts once the jobs named in its `
     if launcher == "local": return _run_local(order, workers, Path(log_dir), on_done)
     return _run_slurm(order, Path(log_dir), slurm or {}, on_done)
 
-# %% ../nbs/11_launchers.ipynb #9422c7aa
+# %% ../nbs/11_launchers.ipynb #974f7acc
 @dataclass
 class RunSpec:
     "One training run of a study."
@@ -391,7 +391,7 @@ class RunSpec:
         config = TrainConfig.from_dict(d["config"])
         return cls(d["name"], d["method"], d["seed"], config, d.get("teacher"), d.get("setting", ""))
 
-# %% ../nbs/11_launchers.ipynb #878e6706
+# %% ../nbs/11_launchers.ipynb #ab35f646
 @dataclass
 class Study:
     "A set of runs analysed together: methods x seeds at the main eps, plus an eps sweep of hard-label AT."
@@ -414,7 +414,7 @@ class Study:
         return cls(d["name"], d["description"], runs, d["main_eps"], d.get("reference"), d.get("eps_unit", 1.0),
                    d.get("kind", "claims"))
 
-# %% ../nbs/11_launchers.ipynb #85c7fd21
+# %% ../nbs/11_launchers.ipynb #72e8f403
 STUDY_FILES = ("study.json", "summary.csv", "summary.json", "claims.csv", "claims.json", "report.html",
                "timings.json", "failures.json")
 
@@ -427,7 +427,7 @@ def run_finished(run_dir: str | Path, # a run directory
     except CrossclassError: return False
     return bool(rows) and rows[-1]["epoch"] >= epochs
 
-# %% ../nbs/11_launchers.ipynb #40467585
+# %% ../nbs/11_launchers.ipynb #edbdfa83
 def load_study(out_dir: str | Path) -> Study:
     "The `Study` stored in a study directory."
     p = Path(out_dir) / "study.json"
@@ -442,7 +442,7 @@ def _check_same_runs(out: Path, study: Study) -> None:
         raise RunDirError(f"{out} holds another study ({stored.name}, {len(stored.runs)} runs): resume it with "
                           "the same options, or choose another directory")
 
-# %% ../nbs/11_launchers.ipynb #8df1dbd9
+# %% ../nbs/11_launchers.ipynb #f4985333
 def _clear_study(out: Path) -> None:
     "Delete the runs and the files of the study in `out` (for `overwrite`)."
     shutil.rmtree(out / "runs", ignore_errors=True)
@@ -458,7 +458,7 @@ def _check_existing(out: Path, study: Study, resume: bool, overwrite: bool) -> N
     if resume: _check_same_runs(out, study)
     if overwrite: _clear_study(out)
 
-# %% ../nbs/11_launchers.ipynb #9e03ed12
+# %% ../nbs/11_launchers.ipynb #c5289b3b
 def _prepare_out(out: Path, study: Study, resume: bool, overwrite: bool) -> None:
     "Check the output directory (never clobber anything by surprise) and write study.json."
     if resume and overwrite:
@@ -469,14 +469,14 @@ def _prepare_out(out: Path, study: Study, resume: bool, overwrite: bool) -> None
     except OSError as e: raise RunDirError(f"cannot create {out} ({e.strerror}): choose a writable directory") from None
     atomic_write_text(out / "study.json", json.dumps(study.to_dict(), indent=1) + "\n")
 
-# %% ../nbs/11_launchers.ipynb #504c0658
+# %% ../nbs/11_launchers.ipynb #632e6cff
 class ReportCB(Callback):
     "Hands each finished epoch's metrics to `report(run_name, row)` (progress of a whole study)."
     order = 40
     def __init__(self, name: str, report): self.name, self.report = name, report
     def after_epoch(self, t): self.report(self.name, dict(t.row))
 
-# %% ../nbs/11_launchers.ipynb #c5e9a719
+# %% ../nbs/11_launchers.ipynb #5d9e8c9d
 def _resolve(spec: RunSpec, out: Path, device=None, data_root=None) -> TrainConfig:
     "The spec's config with the teacher path, device and data directory filled in."
     changes = {}
@@ -497,7 +497,7 @@ def train_spec(spec: dict, # `RunSpec.to_dict()` with the resolved config
     train(cfg, run_dir, resume=resume, quiet=True, cbs=cbs)
     return time.perf_counter() - t0
 
-# %% ../nbs/11_launchers.ipynb #fd4eaabc
+# %% ../nbs/11_launchers.ipynb #f848b8ef
 def train_job(spec: dict, # `RunSpec.to_dict()` with the resolved config
               run_dir: str, # where the run goes
              ) -> float:
@@ -509,7 +509,7 @@ def _value(row: dict, key: str, scale: float = 1.0) -> float:
     v = row.get(key)
     return scale * v if isinstance(v, (int, float)) else math.nan
 
-# %% ../nbs/11_launchers.ipynb #21ea43c9
+# %% ../nbs/11_launchers.ipynb #0c6df336
 def _epoch_comment(name: str, row: dict) -> str:
     "The progress bar's comment after an epoch of run `name`."
     acc, cas = _value(row, "test_robust_acc", 100), _value(row, "cas")
@@ -536,7 +536,7 @@ class StudyProgress:
     def close(self):
         if self.bar is not None: self.bar.on_iter_end()
 
-# %% ../nbs/11_launchers.ipynb #dc428653
+# %% ../nbs/11_launchers.ipynb #bdab1c4f
 def _job_spec(spec: RunSpec, out: Path, device=None, data_root=None) -> dict:
     "What a run's job receives: the spec as a dict, with its config resolved for this study directory."
     return dict(spec.to_dict(), config=_resolve(spec, out, device, data_root).to_dict())
@@ -550,7 +550,7 @@ def study_jobs(study: Study, # the study
     return [Job(s.name, train_job, (_job_spec(s, out, device, data_root), str(out / "runs" / s.name)),
                 after=(s.teacher,) if s.teacher else ()) for s in todo]
 
-# %% ../nbs/11_launchers.ipynb #3ad646b4
+# %% ../nbs/11_launchers.ipynb #50bbd445
 def _epochs_done(study: Study, out: Path) -> int:
     "Epochs already trained in `out` (finished runs and the finished epochs of the others)."
     done = 0
@@ -569,7 +569,7 @@ def _done_line(name: str, run_dir: Path, seconds: float) -> str:
             f"{_value(best, 'test_robust_acc', 100):.1f}% last {_value(last, 'test_robust_acc', 100):.1f}%, "
             f"CAS best {_value(best, 'cas'):.1f} last {_value(last, 'cas'):.1f}")
 
-# %% ../nbs/11_launchers.ipynb #f255e9bd
+# %% ../nbs/11_launchers.ipynb #f9eefe6a
 def _record_failures(out: Path, failures: dict) -> None:
     "failures.json: the runs of the last call that failed, and why (removed when none did)."
     if failures: atomic_write_text(out / "failures.json", json.dumps(failures, indent=1) + "\n")
@@ -587,7 +587,7 @@ def _on_done(out: Path, progress: StudyProgress, times: dict, failures: dict, ke
         if not keep_going: raise result
     return on_done
 
-# %% ../nbs/11_launchers.ipynb #870fa78d
+# %% ../nbs/11_launchers.ipynb #faf48685
 def run_study(study: Study, # the runs
               out_dir: str | Path, # the study directory (runs go to OUT/runs/NAME)
               jobs: int = 1, # runs trained at once ("processes", "local")
