@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .core import (NORMS, CrossclassError, InputError, MissingExtraError, check_images,
+from .core import (NORMS, CrossclassError, InputError, MissingExtraError, check_batch_size, check_images,
                                 images_are_checked, images_checked, import_extra, parse_number, random_perturbation)
 
 # %% auto #0
@@ -300,10 +300,6 @@ class PGD:
         return f"PGD-{self.steps}{rs} {self.norm} eps={self.eps:.4g} alpha={self.alpha:.4g}"
 
 # %% ../nbs/04_attacks.ipynb #b5f6a792
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-
 def _checked_batches(model: nn.Module, x, y, batch_size: int):
     "`(x, y)` batches with their values checked where they enter: tensors once as a whole, an iterable batch by batch."
     if isinstance(x, torch.Tensor):
@@ -321,7 +317,7 @@ def accuracy(model: nn.Module, # classifier taking images in [0, 1]
              batch_size: int = 256, # examples per batch when x is a tensor
             ) -> float:
     "Fraction of examples classified correctly, clean or under `attack`, in eval mode."
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     device = next(model.parameters()).device
     correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     with attack_mode(model):
@@ -380,7 +376,7 @@ def autoattack_accuracy(model: nn.Module, # classifier taking images in [0, 1]
                        ) -> float:
     "Robust accuracy (fraction in [0, 1]) under AutoAttack, via torchattacks."
     if version not in AA_VERSIONS: raise InputError(f"version must be one of {', '.join(AA_VERSIONS)}, got {version!r}")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     y = _check_data(model, x, y)
     eps, *_ = _check_budget(eps, 1.0, 1, norm, 1, x)
     num_classes = _num_classes(model, x)

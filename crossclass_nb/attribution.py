@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from .core import InputError, RunDirError, atomic_write_text, check_images
+from .core import InputError, RunDirError, atomic_write_text, check_batch_size, check_images
 from .models import SplitClassifier, as_classifier
 
 # %% auto #0
@@ -60,8 +60,7 @@ def _batches(x, # images N x ..., an object with `.x` and `.y`, a pair `(x, y)`,
              batch_size: int = 256, # batch size used to cut tensors
             ):
     "Yield `(x, y)` batches from tensors, a dataset-like object or an iterable of batches."
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     x, y = _unpack(x, y)
     if isinstance(x, torch.Tensor): yield from _tensor_batches(x, y, batch_size)
     elif y is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .core import CrossclassError, InputError, MissingExtraError
+from .core import CrossclassError, InputError, MissingExtraError, check_batch_size
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'parse_seeds', 'build_parser', 'main']
@@ -267,10 +267,6 @@ def _eval_attack(cfg, eps, steps, norm=None):
     alpha = cfg.eval_alpha if (eps is None and cfg.eval_alpha is not None) else e / 4
     return PGD(e, alpha, steps=steps or cfg.eval_steps, norm=norm or cfg.norm)
 
-# %% ../nbs/09_cli.ipynb #00add5ee
-def _check_batch_size(n: int):
-    if n < 1: raise InputError(f"--batch-size must be at least 1, got {n}")
-
 # %% ../nbs/09_cli.ipynb #74b18aec
 def _add_eval(sub):
     p = sub.add_parser("eval", help="clean, PGD and AutoAttack accuracy of a checkpoint or model",
@@ -303,7 +299,7 @@ def _autoattack_version(requested: str | None) -> str:
 def _run_eval(args):
     from crossclass_nb.attacks import accuracy, autoattack_accuracy
     from crossclass_nb.core import atomic_write_text, get_device, set_seed
-    _check_batch_size(args.batch_size)
+    check_batch_size(args.batch_size, "--batch-size")
     version = _autoattack_version(args.autoattack)
     (target,) = _targets(args, [args.checkpoint] if args.checkpoint else [], get_device(args.device))
     attack = _eval_attack(target.cfg, args.eps, args.steps, args.norm)
@@ -390,7 +386,7 @@ def _write_difference(out: Path, targets: list, reports: list):
 def _run_cas(args):
     from crossclass_nb.attribution import attribution_report
     from crossclass_nb.core import get_device, set_seed
-    _check_batch_size(args.batch_size)
+    check_batch_size(args.batch_size, "--batch-size")
     targets = _targets(args, args.checkpoints, get_device(args.device))
     if len(targets) == 2: _check_same_classes(targets)
     reports = []

@@ -20,8 +20,8 @@ import torch
 # %% auto #0
 __all__ = ['NORMS', 'CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError',
            'import_extra', 'get_device', 'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write',
-           'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'check_images', 'images_checked',
-           'images_are_checked', 'random_perturbation']
+           'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'check_batch_size', 'check_images',
+           'images_checked', 'images_are_checked', 'random_perturbation']
 
 # %% ../nbs/00_core.ipynb #9851ef90
 class CrossclassError(Exception):
@@ -208,6 +208,14 @@ def parse_number(text: str | float, # "8/255", "0.1", "3" or already a number
     try: return float(Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read {text!r} as a number: write e.g. 0.1 or 8/255") from None
+
+# %% ../nbs/00_core.ipynb #c8b5a002
+def check_batch_size(batch_size, # the number of examples per batch
+                     name: str = "batch_size", # how the message names it, e.g. "--batch-size"
+                    ):
+    "Raise `InputError` unless `batch_size` is an integer of at least 1."
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"{name} must be a positive integer (at least 1), got {batch_size!r}")
 
 # %% ../nbs/00_core.ipynb #a4a5606b
 _IMAGES_CHECKED = contextvars.ContextVar("images_checked", default=False)

