@@ -1,14 +1,11 @@
 """`crossclass reproduce --quick` end to end: it trains the tiny study in a subprocess, prints its output directory,
-writes the report and the CSV/JSON behind it, and the report renders in Chromium (served on 127.0.0.1 by the test)
-with every image loaded and no request leaving the machine."""
+writes the report and the CSV/JSON behind it, and the report renders in Chromium (the `serve` and `chromium` fixtures
+of conftest.py) with every image loaded and no request leaving the machine."""
 import csv
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,9 +16,6 @@ from crossclass_nb.experiments import CLAIMS, VERDICTS, get_study
 # the command as a user runs it: not quiet (the trainer and the study go quiet when they see PYTEST_CURRENT_TEST)
 ENV = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"} | {"MPLBACKEND": "Agg"}
 CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -65,38 +59,22 @@ def test_a_second_run_refuses_and_resume_trains_nothing(quick):
     assert "0 to train" in resumed.stdout
 
 
-def test_report_renders_offline_in_chromium(quick):
+def test_report_renders_offline_in_chromium(quick, serve, chromium):
     out, r, _ = quick
     assert r.returncode == 0
-    if not Path(CHROMIUM).exists():
-        why = f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (make test does)"
-        if os.environ.get("CI"): raise RuntimeError(why)
-        pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args): pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            requests, errors = [], []
-            page.on("request", lambda req: requests.append(req.url))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            resp = page.goto(base + "report.html", wait_until="load")
-            assert resp is not None and resp.status == 200
-            images = page.evaluate("""() => Array.from(document.images).map(i => ({
-                ok: i.complete && i.naturalWidth > 0 && i.naturalHeight > 0, src: i.src.slice(0, 22), w: i.naturalWidth}))""")
-            verdicts = page.locator("table.claims tbody tr td:nth-child(3)").all_inner_texts()
-            title = page.locator("h1").inner_text()
-            browser.close()
-    finally:
-        server.shutdown(); server.server_close()
+    base = serve(out)
+    page = chromium.new_page()
+    requests, errors = [], []
+    page.on("request", lambda req: requests.append(req.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    resp = page.goto(base + "report.html", wait_until="load")
+    assert resp is not None and resp.status == 200
+    images = page.evaluate("""() => Array.from(document.images).map(i => ({
+        ok: i.complete && i.naturalWidth > 0 && i.naturalHeight > 0, src: i.src.slice(0, 22), w: i.naturalWidth}))""")
+    verdicts = page.locator("table.claims tbody tr td:nth-child(3)").all_inner_texts()
+    title = page.locator("h1").inner_text()
+    page.close()
     assert len(images) == 5 and all(i["ok"] and i["src"] == "data:image/png;base64," and i["w"] > 300 for i in images), images
     assert [v.strip() for v in verdicts] == [c["verdict"] for c in json.loads((out / "claims.json").read_text())]
     assert "fmnist-quick" in title
