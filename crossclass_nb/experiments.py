@@ -404,6 +404,14 @@ def _mean_curve(run_dirs, k, scale=1.0):
     return common, [float(np.mean([s[e] for s in series])) for e in common]
 
 # %% ../nbs/07_robust_overfitting.ipynb #5823b199
+def _epoch_axes(config: TrainConfig, axes, ylabels):
+    "Axes over epochs: the learning-rate decays of `config` dotted, a grid, and each axis's y label."
+    for ax, ylabel in zip(axes, ylabels):
+        for d in _decays(config, config.epochs): ax.axvline(d, color="grey", ls=":", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+
 def plot_methods(out_dir: str | Path, # a study directory
                  methods=tuple(METHODS), # which methods to draw
                 ):
@@ -420,13 +428,7 @@ def plot_methods(out_dir: str | Path, # a study directory
         a1.plot(e, v, label=f"{METHODS[m]} ({len(dirs)})")
         e, v = _mean_curve(dirs, "cas")
         a2.plot(e, v, label=METHODS[m])
-    cfg = study.runs[0].config
-    for ax in (a1, a2):
-        for d in _decays(cfg, cfg.epochs): ax.axvline(d, color="grey", ls=":", lw=1)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    a1.set_ylabel("test robust accuracy (%)")
-    a2.set_ylabel("CAS")
+    _epoch_axes(study.runs[0].config, (a1, a2), ("test robust accuracy (%)", "CAS"))
     a1.legend(fontsize=7)
     eps = study.main_eps / study.eps_unit
     fig.suptitle(f"{study.name}: methods at eps {eps:.4g} (mean over seeds; dotted: lr decays)")
@@ -1060,6 +1062,16 @@ def _axis(c: TrainConfig) -> str:
     return "training-set size" if c.train_size != SEARCH_BASE["train_size"] else "base"
 
 # %% ../nbs/07_robust_overfitting.ipynb #c0a8f074
+def _dress_gap_plot(fig, ax, xlabel: str, title: str):
+    "What the search's figures share: the overfitting threshold, the x label, grid, legend and title."
+    ax.axhline(OVERFIT_GAP, color="tab:red", ls="--", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
 def plot_rice(out_dir: str | Path): # a search study directory
     "Gap (best − last test robust accuracy) against training robust accuracy at the last epoch, one point per run."
     plt = _plt()
@@ -1073,14 +1085,9 @@ def plot_rice(out_dir: str | Path): # a search study directory
         for r in seed_rows:
             ax.annotate(r["setting"], (r["train_rob_last"], r["gap"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-    ax.axhline(OVERFIT_GAP, color="tab:red", ls="--", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
-    ax.set_xlabel("training robust accuracy at the last epoch (%)")
     ax.set_ylabel("test robust acc best − last (pt)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{study.name}: overfitting against fit")
-    fig.tight_layout()
-    return fig
+    return _dress_gap_plot(fig, ax, "training robust accuracy at the last epoch (%)",
+                           f"{study.name}: overfitting against fit")
 
 # %% ../nbs/07_robust_overfitting.ipynb #bc635e5c
 def plot_gap_vs_noise(out_dir: str | Path): # a search study directory
@@ -1094,13 +1101,7 @@ def plot_gap_vs_noise(out_dir: str | Path): # a search study directory
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(noise, _col(seed_rows, "gap"), "o-", label="gap (pt)")
     ax.plot(noise, _col(seed_rows, "dcas"), "s--", label="ΔCAS")
-    ax.axhline(OVERFIT_GAP, color="tab:red", ls=":", lw=0.8, label=f"overfitting threshold ({OVERFIT_GAP:g} pt)")
-    ax.set_xlabel("training labels flipped (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{study.name}: the label-noise axis")
-    fig.tight_layout()
-    return fig
+    return _dress_gap_plot(fig, ax, "training labels flipped (%)", f"{study.name}: the label-noise axis")
 
 
 # %% ../nbs/07_robust_overfitting.ipynb #26043b27
@@ -1122,13 +1123,7 @@ def plot_search(out_dir: str | Path): # a search study directory
         a1.plot(e, v, ":", color=c, lw=1)
         e, v = _series(rows, "cas")
         a2.plot(e, v, color=c, label=s.setting)
-    cfg = study.runs[0].config
-    for ax in (a1, a2):
-        for d in _decays(cfg, cfg.epochs): ax.axvline(d, color="grey", ls=":", lw=1)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    a1.set_ylabel("robust accuracy (%) (dotted: training)")
-    a2.set_ylabel("CAS")
+    _epoch_axes(study.runs[0].config, (a1, a2), ("robust accuracy (%) (dotted: training)", "CAS"))
     a1.legend(fontsize=7)
     a2.legend(fontsize=7)
     fig.suptitle(study.name)
