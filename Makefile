@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test docs setup system clean-docs gpu-check
+.PHONY: demo test test-fast docs readme setup system gpu-check
 
 setup: system $(STAMP)
 
 system:
-	@bash scripts/system_deps.sh
+	@bash tools/system_deps.sh
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -20,10 +20,16 @@ demo: setup
 	$(BIN)/crossclass reproduce
 
 docs: setup
-	$(BIN)/python scripts/build_docs.py
+	$(BIN)/python tools/build_docs.py
+
+readme: setup
+	$(BIN)/python tools/make_readme.py
 
 test: setup
-	@bash scripts/run_tests.sh
+	@bash tools/run_tests.sh
+
+test-fast: setup
+	CROSSCLASS_QUIET=1 $(BIN)/python -m pytest tests/ -q -m "not slow"
 
 gpu-check: setup
-	@bash scripts/gpu_check.sh
+	@bash bench/gpu_check.sh

@@ -13,6 +13,9 @@ def reqs(key):
     return cfg.get(key, "").split()
 
 
+extras = {k: reqs(f"{k}_requirements") for k in ("dev", "eval", "zoo", "cluster", "tb")}
+extras["dev"] += extras["eval"] + extras["cluster"] + extras["tb"]  # the chapters and tests import these too
+
 setuptools.setup(
     name=cfg["lib_name"],
     version=cfg["version"],
@@ -28,7 +31,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=reqs("requirements"),
-    extras_require={k: reqs(f"{k}_requirements") for k in ("dev", "eval", "zoo", "cluster", "tb")},
+    extras_require=extras,
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from crossclass_nb.core import get_device
 from crossclass_nb.data import DATASET_STATS
 from crossclass_nb.models import get_model
-from crossclass_nb.training import Trainer, TrainConfig, TrainMetricsCB, make_loss
+from crossclass_nb.losses import make_loss
+from crossclass_nb.learner import TrainMetricsCB, Trainer
+from crossclass_nb.config import TrainConfig
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
 
@@ -163,7 +165,9 @@ def bench_model(name, device, batch, rounds, iters, precisions, warmup=True):
 def accuracy_check(device, epochs, seeds):
     "Short PGD-AT runs in fp32 and in bf16 (same seeds): robust test accuracy of each, evaluated in fp32."
     import tempfile
-    from crossclass_nb.training import get_config, load_metrics, train
+    from crossclass_nb.config import get_config
+    from crossclass_nb.rundir import load_metrics
+    from crossclass_nb.training import train
     out = {"none": [], "bf16": [], "epochs": epochs,
            "setting": "small_cnn, Fashion-MNIST 1000 train / 1000 test, PGD-5 eps 0.1 training, PGD-10 evaluation"}
     for seed in range(seeds):

@@ -1,7 +1,8 @@
-"""The bad-input catalogue (`crossclass_nb.bad_inputs`, built on the page "What happens when"), one pytest case
-each: every mistake gets an error of the package's own family (or, on the command line, one line on stderr and exit
-code 2), and nothing on disk changes. Also two real `crossclass` processes, to see what a user's terminal shows.
-The message texts are asserted once, where each error is raised (the chapters) or by the case's `words`."""
+"""The catalogue of mistakes (`tests/catalogue.py`), one pytest case each: every mistake gets an error of the
+package's own family (on the command line: one line on stderr and exit code 2), and nothing on disk changes. Also a
+few real `crossclass` processes, to see what a user's terminal shows. The message texts are asserted where each
+error is raised (the notebooks); a case's `words` hold only what no notebook asserts."""
+import ast
 import os
 import shutil
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from crossclass_nb.bad_inputs import CASES, check_case, problems
+import crossclass_nb
+from catalogue import CASES, Sandbox, check_case, problems, tiny_run  # noqa: F401 (tiny_run: a fixture)
 from crossclass_nb.core import CrossclassError
 
 
@@ -21,20 +23,22 @@ def test_catalogue_is_big_and_unique():
     assert all(c.cli or issubclass(c.error, CrossclassError) for c in CASES)
 
 
-def test_the_catalogue_needs_no_test_tools():
-    "The catalogue is part of the package: it imports without pytest, hypothesis or fastcore."
-    code = "\n".join(["import sys", "for name in ('pytest', 'hypothesis', 'fastcore'): sys.modules[name] = None",
-                      "import crossclass_nb.bad_inputs as b", "print(len(b.CASES))"])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and int(r.stdout) == len(CASES), r.stderr[-2000:]
+def test_the_library_holds_no_test_tools():
+    "Test machinery (mocks, atexit clean-ups, pytest) lives in tests/, never in the package."
+    for path in Path(crossclass_nb.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not names & {"unittest", "unittest.mock", "atexit", "pytest"}, (path.name, names)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, tmp_path):
+def test_bad_input(case, tmp_path, monkeypatch, request):
     if case.skip and (reason := case.skip()): pytest.skip(reason)
-    d = tmp_path / "sandbox"
-    d.mkdir()
-    res, changed = check_case(case, d)  # run with the sandbox as working directory: a stray relative write is seen
+    (tmp_path / "sandbox").mkdir()
+    (tmp_path / "outside").mkdir()
+    s = Sandbox(tmp_path / "sandbox", tmp_path / "outside", monkeypatch, lambda: request.getfixturevalue("tiny_run"))
+    res, changed = check_case(case, s)  # run with the sandbox as working directory: a stray relative write is seen
     assert not problems(case, res), f"{problems(case, res)}\nmessage: {res.message!r}\nerror: {res.error!r}"
     assert not changed, f"the disk changed: {changed}"
 
@@ -48,20 +52,19 @@ def _crossclass(*args, cwd):
     return subprocess.run([exe, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_real_process_bad_preset(tmp_path, snapshot):
-    before = snapshot(tmp_path)
-    r = _crossclass("train", "--preset", "cifar11", "--out", tmp_path / "run", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("crossclass train: error:") and "Traceback" not in r.stderr, r.stderr
-    assert snapshot(tmp_path) == before
-
-
-def test_real_process_truncated_checkpoint(tmp_path, snapshot):
+@pytest.mark.parametrize("argv", [
+    ("train", "--preset", "cifar11", "--out", "{d}/run"),            # a package error
+    ("train", "--epochs", "ten"),                                     # an argparse error
+    ("eval", "{d}/x.pt"),                                             # a file that is not there
+    ("eval", "{d}/last.pt"),                                          # a truncated checkpoint
+], ids=["bad-preset", "argparse", "missing-checkpoint", "truncated-checkpoint"])
+def test_real_process(argv, tmp_path, snapshot):
+    "The console script: one line `crossclass COMMAND: error: ...`, exit code 2, no traceback, nothing written."
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
     before = snapshot(tmp_path)
-    r = _crossclass("eval", tmp_path / "last.pt", cwd=tmp_path)
+    r = _crossclass(*(a.replace("{d}", str(tmp_path)) for a in argv), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("crossclass eval: error:") and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"crossclass {argv[0]}: error:"), r.stderr
+    assert "Traceback" not in r.stderr
     assert snapshot(tmp_path) == before

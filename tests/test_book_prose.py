@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb"))
+NBS = ROOT / "nbs"
+NOTEBOOKS = sorted(p for p in NBS.rglob("*.ipynb") if not any(part.startswith((".", "_")) for part in p.relative_to(NBS).parts))
 
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # all but newline; a tab is \t of \theta, \tau, \times ...
 DISPLAY_MATH = re.compile(r"\$\$.*?\$\$", re.S)
@@ -45,7 +46,7 @@ PROCESS = {  # what the pattern is about: the pattern (case-insensitive unless i
                     r"|\bsmall shared machines?\b",
 }
 PROCESS_RE = {k: re.compile(v, re.I) for k, v in PROCESS.items()}
-MACHINE_PAGES = {"performance.ipynb"}  # the machine is the Performance page's subject
+MACHINE_PAGES = {"explanations/performance.ipynb"}  # the machine is the Performance page's subject
 
 CATCH = [  # (kind, a sentence the pattern must catch)
     ("owners", "Ask the module's owner before changing it."), ("owners", "as H_train wrote in 06"),
@@ -73,6 +74,11 @@ LEAVE = [  # subject sentences no pattern may catch
     "The machine learning model on a 2-core CPU runs in 3 s.", "this project's README names the command",
     "a pool of fresh processes on this machine", "crossclass reproduce --data /shared/data --out /shared/studies/x",
 ]
+
+
+def page(nb: Path) -> str:
+    "A notebook's path under nbs/, as the sidebar names it: `api/00_core.ipynb`."
+    return nb.relative_to(NBS).as_posix()
 
 
 def cells(nb: Path) -> list[dict]:
@@ -139,25 +145,25 @@ def test_strings_and_comments_are_read_from_code():
     assert not process_remarks(strings_and_comments("shared_dir = 1  # the shared features\n"))
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=page)
 def test_markdown_has_no_control_characters_or_lost_latex(nb):
     bad = [f"cell {i}: {d}" for i, c in enumerate(cells(nb)) if c["cell_type"] == "markdown"
            for d in markdown_defects(source(c))]
-    assert not bad, f"{nb.name}: a LaTeX backslash lost to a Python escape? Write the markdown with a raw string.\n" + "\n".join(bad)
+    assert not bad, f"{page(nb)}: a LaTeX backslash lost to a Python escape? Write the markdown with a raw string.\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=page)
 def test_book_speaks_of_its_subject(nb):
     hits = []
     for i, c in enumerate(cells(nb)):
         text = source(c) if c["cell_type"] == "markdown" else strings_and_comments(source(c))
-        hits += [f"cell {i} ({kind}): ...{words}..." for kind, words in process_remarks(text, nb.name)]
-    assert not hits, f"{nb.name} talks about the project or the machine, not the subject:\n" + "\n".join(hits)
+        hits += [f"cell {i} ({kind}): ...{words}..." for kind, words in process_remarks(text, page(nb))]
+    assert not hits, f"{page(nb)} talks about the project or the machine, not the subject:\n" + "\n".join(hits)
 
 
 def test_thread_count_is_set_in_one_place_at_most():
     "`torch.set_num_threads` in a notebook's own (not exported) cells: in one notebook at most."
-    calls = [nb.name for nb in NOTEBOOKS
+    calls = [page(nb) for nb in NOTEBOOKS
              if any(c["cell_type"] == "code" and "torch.set_num_threads(" in source(c) and "#| export" not in source(c)
                     for c in cells(nb))]
     assert len(calls) <= 1, f"torch.set_num_threads is called in {len(calls)} notebooks: {calls}; keep it in one place"

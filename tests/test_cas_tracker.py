@@ -12,7 +12,7 @@ from crossclass_nb.attacks import PGD
 from crossclass_nb.attribution import AttributionResult, CASTracker, attribution_report
 from crossclass_nb.core import InputError, RunDirError
 from crossclass_nb.experiments import cas_record, checkpoint_epochs, plot_per_class, plot_run_matrices
-from crossclass_nb.training import load_metrics
+from crossclass_nb.rundir import load_metrics
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -226,7 +226,7 @@ def test_pair_checks(tmp_path):
     with pytest.raises(DataError, match="28 x 28"):
         load_quiet("fashion_mnist", root=tmp_path)
     (tmp_path/"train-labels-idx1-ubyte").unlink()
-    with pytest.raises(DataError):    # the catalogue (crossclass_nb.bad_inputs) asserts the message
+    with pytest.raises(DataError):    # the catalogue (tests/catalogue.py) asserts what no chapter does
         load_quiet("fashion_mnist", root=tmp_path)
 
 
@@ -390,7 +390,7 @@ def test_malicious_meta_and_codecs(tmp_path):
     folder = make_fake_cifar(tmp_path/"data", "cifar10")
     marker = tmp_path/"pwned"
     (folder/"batches.meta").write_bytes(pickle.dumps(payloads(marker)["os.system"], protocol=0))
-    with pytest.raises(DataError, match="refused"):
+    with pytest.raises(DataError):                 # chapter 01 asserts the refusal's words
         load_quiet("cifar10", root=tmp_path/"data")
     # _codecs.encode is allowed only as the latin-1 bytes helper of protocol 2
     evil = b"c_codecs\nencode\n(Vabc\nVrot13\ntR."
@@ -413,7 +413,7 @@ def test_safe_unpickler_loads_numpy_at_every_protocol(tmp_path):
 def test_bad_names_and_arguments():
     with pytest.raises(InputError):
         load_dataset("mnist")
-    with pytest.raises(InputError, match="unknown dataset"):
+    with pytest.raises(InputError):
         load_dataset(None)
     with pytest.raises(InputError):
         load_dataset("digits", train="test")

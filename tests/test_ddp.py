@@ -10,11 +10,15 @@ import sys
 
 import torch
 
-from crossclass_nb.training import get_config, load_checkpoint, load_metrics
+from crossclass_nb.config import get_config
+from crossclass_nb.rundir import load_metrics
+from crossclass_nb.checkpoint import load_checkpoint
 
 SCRIPT = r"""
 import json, os, sys, torch, torch.distributed as dist
-from crossclass_nb.training import Callback, TrainConfig, train
+from crossclass_nb.learner import Callback
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.training import train
 
 def thread_names():
     "Names of this process's threads (Linux)."

@@ -1,12 +1,12 @@
 """The docs site in a real browser: Chromium (Debian's) driven by Playwright, the site served on 127.0.0.1 by the test.
 
-One crawl starts at the landing page and follows the links between pages; the tests below check what it saw, including
-that every page shows the outputs its notebook computes (figures, tables, printed numbers).
+The site is the one `tools/build_docs.py` built (the session fixture `docs_site` of conftest.py: in `make test` the
+build that ran every notebook, just before pytest). One crawl starts at the landing page and follows the links between
+pages, from the top folder and from the subfolders (api/, studies/, explanations/); the tests below check what it saw,
+including that every page shows the outputs its notebook computes (figures, tables, printed numbers).
 """
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urldefrag, urlparse
 
@@ -14,32 +14,42 @@ import pytest
 from nbdev.config import get_config
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "_docs"
+NBS = ROOT / "nbs"
 ARTIFACTS = ROOT / "artifacts"
 EXPORTED_FUNCTION = "get_device"  # from crossclass_nb.core, so its show_doc section is always on the site
-MIN_FIGURES = {"07_robust_overfitting.ipynb": 6, "08_soft_labels.ipynb": 3, "05_attribution.ipynb": 2,
-               "04_attacks.ipynb": 2, "06_training.ipynb": 1, "01_data.ipynb": 1, "02_synthetic.ipynb": 5}
+MIN_FIGURES = {"studies/robust_overfitting.ipynb": 6, "studies/soft_labels.ipynb": 3, "api/05_attribution.ipynb": 2,
+               "api/04_attacks.ipynb": 2, "api/07_learner.ipynb": 1, "api/01_data.ipynb": 1, "api/02_synthetic.ipynb": 5,
+               "index.ipynb": 2}
 MIN_SHOWN = 0.8  # of the code cells that print, draw or end in an expression, the share whose output is on the page
 
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 
+def notebooks() -> list[Path]:
+    "The notebooks of the book: nbs/ and its subfolders (not `_`- or `.`-folders), as nbdev finds them."
+    return sorted(p for p in NBS.rglob("*.ipynb") if not any(part.startswith((".", "_")) for part in p.relative_to(NBS).parts))
+
+
 def notebook_titles() -> dict[str, str]:
-    "The title (`# Title` of the first markdown cell) of every notebook in nbs/."
+    "The title (`# Title` of the first markdown cell) of every notebook, by its path under nbs/ (`api/00_core.ipynb`)."
     titles = {}
-    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+    for nb in notebooks():
         cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
         first = next(c for c in cells if c["cell_type"] == "markdown")
-        titles[nb.name] = "".join(first["source"]).splitlines()[0].lstrip("#").strip()
+        titles[nb.relative_to(NBS).as_posix()] = "".join(first["source"]).splitlines()[0].lstrip("#").strip()
     return titles
 
 
+def page_name(nb: str) -> str:
+    "The page nbdev (and Quarto) make of a notebook: `api/00_core.ipynb` -> `api/core.html` (its `output-file`)."
+    from nbdev.doclinks import _nbpath2html
+    return _nbpath2html(Path(nb)).as_posix()
+
+
 @pytest.fixture(scope="module")
-def site(chromium, serve):
-    "The built site (built first if `_docs/` is missing), served on a free port of 127.0.0.1."
-    if not (DOCS / "index.html").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_docs.py")], cwd=ROOT, check=True)
-    return serve(DOCS)
+def site(docs_site, chromium, serve):
+    "The built site, served on a free port of 127.0.0.1."
+    return serve(docs_site)
 
 
 PAGE_FACTS = """() => ({
@@ -130,6 +140,25 @@ def test_every_notebook_has_a_page(crawl):
         facts = crawl["pages"].get(url)
         assert facts and facts["status"] == 200, f"{nb}: its sidebar link {url} does not load"
         assert facts["title"].strip() == title, f"{nb}: {url} shows {facts['title']!r}, not {title!r}"
+
+
+def test_pages_are_named_as_nbdev_names_them(crawl, site):
+    "Each notebook's page sits where nbdev's doc links point (`api/core.html#get_device`), in its notebook's folder."
+    from crossclass_nb._modidx import d
+    for nb, title in notebook_titles().items():
+        assert crawl["sidebar"].get(title) == site + page_name(nb), f"{nb}: the sidebar links {crawl['sidebar'].get(title)}"
+    linked = {site + url.split("#")[0] for mod in d["syms"].values() for url, _ in mod.values()}
+    missing = sorted(u for u in linked if crawl["pages"].get(u, {}).get("status") != 200)
+    assert not missing, f"doc links of crossclass_nb._modidx to pages the crawl did not reach: {missing}"
+
+
+def test_pages_in_subfolders_link_back(crawl, site):
+    "A page in a subfolder reaches the landing page and a page of another folder by its relative links."
+    sub = {u: f for u, f in crawl["pages"].items() if f["status"] == 200 and "/" in u.removeprefix(site)}
+    assert sub, "the crawl reached no page in a subfolder"
+    for url, facts in sub.items():
+        links = {urldefrag(l).url for l in facts["links"]}
+        assert site + "index.html" in links or site in links, f"{url} has no link to the landing page"
 
 
 def test_search_finds_an_exported_function(crawl):
@@ -241,7 +270,7 @@ def outputs(crawl):
         facts = crawl["pages"].get(crawl["sidebar"].get(title), {})
         rendered = {}
         for c in facts.get("cells", []): rendered.setdefault(normalised(c["code"]), []).append(c["outputs"] > 0)
-        cells = json.loads((ROOT / "nbs" / nb).read_text(encoding="utf-8"))["cells"]
+        cells = json.loads((NBS / nb).read_text(encoding="utf-8"))["cells"]
         showing = [normalised("".join(c["source"])) for c in cells
                    if c["cell_type"] == "code" and shows_something("".join(c["source"]), skip_flags)]
         shown = sum(bool(rendered.get(code)) and rendered[code].pop(0) for code in showing)

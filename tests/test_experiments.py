@@ -1,7 +1,6 @@
-"""The experiments module without training: verdicts from numbers, run summaries, light copies, the report and the
-`reproduce` command's refusals. The study directories here are written with the trainer's own file writers
+"""The study library without training: verdicts from numbers, run summaries, light copies, the report, the
+`reproduce` command's refusals, and the stored studies (what their presets train, and the numbers they analyse to). The study directories here are written with the trainer's own file writers
 (`TrainConfig.to_json`, `write_metrics`), with made-up metrics whose answers are known."""
-import ast
 import json
 import math
 import re
@@ -12,15 +11,14 @@ from pathlib import Path
 import pytest
 from scipy.stats import spearmanr
 
-from crossclass_nb import experiments, launchers, report
-from crossclass_nb.core import InputError, RunDirError
+from crossclass_nb.analysis import direction, make_light, mean_ci, run_summary, spearman, study_summary
+from crossclass_nb.claims import CLAIMS, VERDICTS, evaluate_claims, overfits, parts_verdict, sign_verdict
 from crossclass_nb.cli import parse_seeds
-from crossclass_nb.experiments import (CLAIMS, METHODS, SOFT_METHODS, VERDICTS, RunSpec, Study, Table, direction,
-                                       evaluate_claims, fmnist_config, fmnist_study, get_study, make_light,
-                                       make_study, mean_ci, overfits, parts_verdict, run_study, run_summary,
-                                       sign_verdict, spearman, study_summary, write_report)
-from crossclass_nb.launchers import _prepare_out
-from crossclass_nb.training import write_metrics
+from crossclass_nb.core import InputError, RunDirError
+from crossclass_nb.report import Table, findings_paragraph, write_report
+from crossclass_nb.rundir import write_metrics
+from crossclass_nb.studies import (METHODS, SOFT_METHODS, RunSpec, Study, _prepare_out, fmnist_config, fmnist_study,
+                                   get_study, load_study, make_study, paper_study, run_configs, run_study)
 
 CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -202,7 +200,6 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, msg):
 def test_cifar_recipe_runs_on_a_fake_cifar(tmp_path):
     "The GPU preset's path (CIFAR in torchvision's format from --data, eps in /255, PreAct/CNN models) on a tiny fake CIFAR."
     from crossclass_nb.data import make_fake_cifar
-    from crossclass_nb.experiments import paper_study
     make_fake_cifar(tmp_path / "data", "cifar10", n_train=200, n_test=60)
     study = paper_study("cifar10", methods=("at", "std"), epochs=2, milestones=[1], model="small_cnn", val_size=50,
                         test_size=None, steps=1, eval_steps=1, amp="none", batch_size=50, eval_batch_size=60, num_threads=1)
@@ -221,50 +218,38 @@ def test_bad_launcher_writes_nothing(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-# The study machinery moved to `launchers` and the report's HTML writer to `report`; readers keep importing from here.
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC_BEFORE_THE_SPLIT = """METHODS SOFT_METHODS LABEL_SMOOTHING PAPER_CIFAR10 PAPER_CIFAR100 FMNIST_SCALES STUDY_FILES EARLY_FRACTION
-    VERDICTS OVERFIT_GAP CONFIDENCE RHO_CLEAR RHO_TREND CLAIMS PAPER_SHRUNK STUDY_PRESETS SEARCH_BASE LONG_SCHEDULE
-    REGIME_SEARCH method_overrides eps_overrides RunSpec Study make_study fmnist_config fmnist_study paper_study run_finished
-    ReportCB train_spec train_job StudyProgress study_jobs run_study checkpoint_epochs spearman run_summary cas_record
-    load_study study_summary mean_sd fmt_spread plot_run_curves plot_run_matrices plot_per_class plot_methods
-    plot_eps_sweep mean_ci direction fmt_ci sign_verdict parts_verdict overfits evaluate_claims Table methods_table
-    eps_table paper_table claims_table analyse_study make_light report_figures write_report get_study reproduce
-    search_study search_table plot_rice plot_gap_vs_noise plot_search""".split()
-# argument parsing belongs to the CLI (`crossclass_nb.cli.parse_seeds`; `reproduce` is a subcommand there)
-MOVED_TO_CLI = {"parse_seeds", "add_reproduce_parser", "run_reproduce", "CLI_SUBCOMMANDS"}
+STORED = ("fmnist-noise", "fmnist-clean", "fmnist-clean-fit", "fmnist-regime-search")
 
 
-def _imported_from_experiments(source: str) -> set:
-    "Names a piece of Python imports with `from crossclass_nb.experiments import ...`."
-    try: tree = ast.parse(source)
-    except SyntaxError: return set()
-    return {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "crossclass_nb.experiments"
-            for a in n.names if a.name != "*"}
+@pytest.mark.parametrize("name", STORED)
+def test_presets_train_what_the_stored_studies_trained(name):
+    "`crossclass reproduce --preset NAME` trains exactly the configs stored in results/NAME/study.json, run by run."
+    built, stored = get_study(name), load_study(ROOT / "results" / name)
+    assert [(s.name, s.method, s.seed, s.teacher, s.setting) for s in built.runs] == \
+           [(s.name, s.method, s.seed, s.teacher, s.setting) for s in stored.runs]
+    assert run_configs(built) == run_configs(ROOT / "results" / name)
+    assert (built.name, built.main_eps, built.eps_unit, built.kind) == (stored.name, stored.main_eps, stored.eps_unit, stored.kind)
 
 
-def _names_readers_use() -> set:
-    "Imported from experiments in scripts/, tests/ and the notebooks, or named in backticks in the prose of the chapters."
-    names = set()
-    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]: names |= _imported_from_experiments(path.read_text())
-    public = set(PUBLIC_BEFORE_THE_SPLIT) | set(experiments.__all__)
-    for nb in ROOT.glob("nbs/*.ipynb"):
-        for cell in json.loads(nb.read_text())["cells"]:
-            text = "".join(cell["source"])
-            if cell["cell_type"] == "code": names |= _imported_from_experiments(text)
-            elif nb.stem in ("07_robust_overfitting", "08_soft_labels", "index"):
-                names |= set(re.findall(r"`([A-Za-z_]\w*)`", text)) & public
-    return names
+def test_the_default_study_is_the_stored_label_noise_study():
+    assert run_configs(get_study()) == run_configs(ROOT / "results" / "fmnist-noise")
 
 
-def test_names_readers_use_import_from_experiments():
-    used = _names_readers_use()
-    assert {"run_study", "RunSpec", "Study", "Table", "write_report", "evaluate_claims"} <= used   # the scan finds them
-    missing = sorted(n for n in used | set(PUBLIC_BEFORE_THE_SPLIT) if not hasattr(experiments, n))
-    assert not missing, f"no longer importable from crossclass_nb.experiments: {missing}"
-    assert not (MOVED_TO_CLI - {"CLI_SUBCOMMANDS"}) & set(experiments.__all__)
-    from crossclass_nb import cli
-    assert cli.parse_seeds("2") == (0, 1)
-    for name in ("RunSpec", "Study", "run_study", "load_study", "Table"):      # re-exported, not redefined
-        assert getattr(experiments, name) is getattr(launchers, name, None) or getattr(experiments, name) is getattr(report, name)
-        assert name in experiments.__all__
+@pytest.mark.parametrize("name", STORED[:3])
+def test_stored_studies_analyse_to_their_stored_numbers(name, tmp_path):
+    "A copy of a stored study, analysed again, writes the summary and the claims it stored."
+    import shutil
+    from crossclass_nb.report import analyse_study
+    shutil.copytree(ROOT / "results" / name, tmp_path / name)
+    analyse_study(tmp_path / name)
+    for f in ("summary.json", "claims.json"):
+        assert json.loads((tmp_path / name / f).read_text()) == json.loads((ROOT / "results" / name / f).read_text())
+
+
+def test_findings_paragraph_of_the_main_study():
+    text = findings_paragraph(ROOT / "results" / "fmnist-noise")
+    claims = json.loads((ROOT / "results/fmnist-noise/claims.json").read_text())
+    assert text.startswith("The study stored in `results/fmnist-noise/` trained 21 runs")
+    assert all(f"**{c['verdict']}**" in text for c in claims) and "(paper.ipynb)" in text
+    with pytest.raises(RunDirError): findings_paragraph(ROOT / "results" / "fmnist-regime-search")

@@ -9,7 +9,8 @@ import torch
 from crossclass_nb import core
 from crossclass_nb.core import InputError, get_device, get_rng_state, set_rng_state
 from crossclass_nb.models import MODEL_NAMES, get_model
-from crossclass_nb.training import TrainConfig, _setup_device, check_bf16
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.training import _setup_device, check_bf16
 
 TORCHRUN = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}
 
@@ -77,7 +78,9 @@ def test_rng_state_holds_the_devices_used(monkeypatch):
 
 
 def test_cpu_checkpoint_saves_no_gpu_state(tmp_path):
-    from crossclass_nb.training import get_config, load_checkpoint, train
+    from crossclass_nb.config import get_config
+    from crossclass_nb.checkpoint import load_checkpoint
+    from crossclass_nb.training import train
     train(get_config("fmnist-tiny", epochs=1, figures=False, cas_every=0), tmp_path / "r")
     assert load_checkpoint(tmp_path / "r" / "last.pt")["rng"][0]["cuda"] == {}
 

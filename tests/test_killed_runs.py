@@ -20,7 +20,12 @@ import pytest
 import torch
 
 from crossclass_nb.core import CheckpointError, RunDirError
-from crossclass_nb.training import RunLock, get_config, load_checkpoint, load_metrics, train
+from crossclass_nb.config import get_config
+from crossclass_nb.rundir import RunLock, load_metrics
+from crossclass_nb.checkpoint import load_checkpoint
+from crossclass_nb.training import train
+
+from catalogue import copy_run, tiny_run  # noqa: F401 (tiny_run: a fixture)
 
 # small but complete: EMA distillation, label smoothing, augmentation, CAS every epoch, epoch checkpoints
 CFG = get_config("fmnist-tiny", train_size=100, val_size=50, test_size=50, batch_size=25, epochs=4, eval_steps=2,
@@ -32,9 +37,10 @@ import io, json, os, sys, time, traceback
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from crossclass_nb import core
-import crossclass_nb.training as T
-T.make_trainer(T.TrainConfig.from_json(sys.argv[1]), None)   # warm the data cache and every lazy import before forking
+from crossclass_nb import core, learner
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.training import make_trainer, train
+make_trainer(TrainConfig.from_json(sys.argv[1]), None)   # warm the data cache and every lazy import before forking
 REAL = core.atomic_write
 
 def child(cmd):
@@ -49,10 +55,9 @@ def child(cmd):
                 for i in range(0, len(data), step):
                     f.write(data[i:i + step]); f.flush(); time.sleep(cmd["slow"])
             out = REAL(path, chunked); event(f"saved {Path(path).name}"); return out
-        core.atomic_write = slow_write
-        if hasattr(T, "atomic_write"): T.atomic_write = slow_write
+        core.atomic_write = learner.atomic_write = slow_write      # learner: the figures' own import of it
     event("start")
-    T.train(T.TrainConfig.from_dict(cmd["config"]), cmd["run"], resume=True, quiet=True)
+    train(TrainConfig.from_dict(cmd["config"]), cmd["run"], resume=True, quiet=True)
     event("done")
 
 print("ready", flush=True)
@@ -221,7 +226,7 @@ def test_second_process_refused_and_dead_lock_does_not_stick(server, reference, 
     assert RunLock(run).owner() == pid
     with pytest.raises(RunDirError) as e: train(CFG, run, resume=True, quiet=True)       # a second process
     assert f"pid {pid}" in str(e.value) and "in use" in str(e.value)
-    from crossclass_nb.bad_inputs import run_cli
+    from catalogue import run_cli
     res = run_cli(["train", "--resume", str(run)])
     assert res.code == 2 and len(res.stderr.strip().splitlines()) == 1 and f"pid {pid}" in res.stderr, res.stderr
     os.kill(pid, signal.SIGKILL)
@@ -231,10 +236,9 @@ def test_second_process_refused_and_dead_lock_does_not_stick(server, reference, 
     assert_same_run(ref, run)
 
 
-def test_stale_lock_file_of_a_dead_pid(tmp_path):
+def test_stale_lock_file_of_a_dead_pid(tmp_path, tiny_run):
     "A lock file naming a process that no longer exists (e.g. copied from another machine) does not block."
-    from crossclass_nb.bad_inputs import copy_run
-    run = copy_run(tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / ".lock").write_text(p.stdout)                  # a pid that has just died
     assert RunLock(run).owner() is None

@@ -1,6 +1,6 @@
 """Launchers against what this machine lacks: a SLURM cluster (sbatch, srun, sacct and scancel played by small scripts,
 around submitit's real executor and job objects), several GPUs (torchrun on the CPU) and, on purpose, submitit itself.
-The chapter (nbs/11_launchers.ipynb) tests the scheduler, the in-process and pool engines and a real training run."""
+The chapter (nbs/api/13_launchers.ipynb) tests the scheduler, the in-process and pool engines and a real training run."""
 import json
 import os
 import re
@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from crossclass_nb import launchers
-from crossclass_nb.core import MissingExtraError
-from crossclass_nb.core import InputError
+from crossclass_nb.core import InputError, MissingExtraError
 from crossclass_nb.launchers import Job, JobError, TimedCall, launch, slurm_executor
 
 TESTS = str(Path(__file__).resolve().parent)

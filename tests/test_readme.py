@@ -1,15 +1,16 @@
-"""README.md: generated from nbs/index.ipynb, its findings and figure current with the stored study, exactly two
+"""README.md: generated from nbs/index.ipynb (and current with it), its findings those of the stored study, exactly two
 set-up commands (`make demo`, `make test`), and every command of its three quick-start recipes run as written, at the
 smallest size each allows, on the CPU.
 
 How a recipe is run at its smallest size: the commands are the README's own, run in order by bash (Python blocks by
 Python) in a fresh directory whose $HOME holds a small dataset in CIFAR-10's format; only size flags are appended to
-`crossclass train`, `cas` and `eval` (one epoch, 20 training images, one attack step, ...), torchrun starts 2
-processes instead of 4, and the docs server gets a free port instead of 8000.
+`crossclass train`, `cas` and `eval` (one epoch, 20 training images, one attack step, ...) and torchrun starts 2
+processes instead of 4. `make docs` is the build the suite already made (the session fixture `docs_site`): the test
+checks that `make docs` runs that same build, then serves the site with the README's own command, on a free port.
 """
+import html
 import importlib.util
 import json
-import math
 import os
 import re
 import shlex
@@ -25,11 +26,11 @@ import torch
 import torchvision
 
 from crossclass_nb.data import make_fake_cifar
-from crossclass_nb.training import load_metrics
+from crossclass_nb.rundir import load_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-spec = importlib.util.spec_from_file_location("make_readme", ROOT / "scripts" / "make_readme.py")
+spec = importlib.util.spec_from_file_location("make_readme", ROOT / "tools" / "make_readme.py")
 make_readme = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(make_readme)
 
@@ -58,57 +59,78 @@ def recipe(title: str) -> list:
     return blocks(section(section(readme(), "## Quick start"), f"### {title}"))
 
 
+def index_study() -> Path:
+    "The main study the index names (`STUDY = Path(\"../results/NAME\")`, relative to nbs/)."
+    cells = json.loads(make_readme.INDEX.read_text(encoding="utf-8"))["cells"]
+    return (make_readme.NBS / make_readme.study_of(cells)).resolve()
+
+
+def plain(markdown: str) -> str:
+    "Markdown as a reader sees it: links as their text, no emphasis or code marks, one space between words."
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", markdown)
+    return " ".join(re.sub(r"[*`_]", "", text).split())
+
+
 # ---------------------------------------------------------------------------------------- generated, current
 
 def test_readme_is_generated_from_index():
+    "`make_readme.py --check`: README.md is what nbs/index.ipynb and the stored study give."
     assert readme() == make_readme.readme_text(), \
-        "README.md differs from what nbs/index.ipynb gives: run `python scripts/make_readme.py` and commit README.md"
-
-
-def test_findings_and_figure_are_current_with_the_main_study():
-    "`make_readme.py --check`: the index's findings cell, its figure and README.md are what the stored study gives."
-    r = subprocess.run([sys.executable, ROOT / "scripts" / "make_readme.py", "--check"], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+        "README.md differs from what nbs/index.ipynb gives: run `python tools/make_readme.py` and commit README.md"
+    r = subprocess.run([sys.executable, ROOT / "tools" / "make_readme.py", "--check"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
-    cell = make_readme.findings_cell()
-    assert cell in readme().replace("](nbs/", "](") and "![" in cell and make_readme.FIGURE.stat().st_size > 10_000
 
 
 def test_findings_come_from_the_stored_results():
-    "The verdicts and the key run's numbers in the paragraph are those of claims.json and the run's metrics."
-    claims = json.loads((make_readme.STUDY / "claims.json").read_text())
-    cell = " ".join(make_readme.findings_cell().split())
-    for c in claims: assert f"**{c['verdict']}**" in cell and " ".join(c["claim"].rstrip(".").split()) in cell
-    study, run = make_readme.main_run(make_readme.STUDY)
-    assert run.method == "at" and math.isclose(run.eps, study.main_eps)
-    rows = {r["epoch"]: r for r in load_metrics(make_readme.STUDY / "runs" / run.name)}
-    best = rows[max(rows)]["best_epoch"]
-    assert f"test robust accuracy {100 * rows[best]['test_robust_acc']:.1f} % and CAS {rows[best]['cas']:.1f}" in cell
+    "The README states the paragraph the index computes, with the verdicts of claims.json, and links reproduce's figure."
+    from crossclass_nb.report import findings_paragraph
+    study = index_study()
+    found = section(readme(), "## What the package found")
+    with make_readme.in_folder(make_readme.NBS):
+        paragraph = findings_paragraph(Path(os.path.relpath(study, make_readme.NBS))).strip()
+    from_top = make_readme.LOCAL_LINK.sub(lambda m: f"]({make_readme.from_top(m.group(1))})", paragraph)  # as README links
+    assert " ".join(from_top.split()) in " ".join(found.split())
+    for c in json.loads((study / "claims.json").read_text()):
+        assert f"**{c['verdict']}**" in found and " ".join(c["claim"].rstrip(".").split()) in " ".join(found.split())
+    (image,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", found)
+    assert (ROOT / image).resolve() == study / "story.png", image
+    assert (study / "story.png").read_bytes().startswith(b"\x89PNG") and (study / "story.png").stat().st_size > 10_000
 
 
 def test_findings_work_for_every_finished_study(tmp_path):
-    "Any study of the claims written by `crossclass reproduce` gives a paragraph and a figure; other dirs a clear error."
+    """Every stored study of the claims that has a key run (hard-label AT at its main eps) gives a paragraph and has the
+    figure reproduce drew; one without is refused, and so is a directory without claims."""
     from crossclass_nb.core import RunDirError
+    from crossclass_nb.report import findings_paragraph
     studies = [d for d in sorted((ROOT / "results").iterdir()) if (d / "claims.json").is_file()]
     assert studies
+    told = 0
     for d in studies:
-        assert f"`results/{d.name}/`" in make_readme.findings_cell(d)
-        assert make_readme.draw_story(d, tmp_path / f"{d.name}.png").stat().st_size > 10_000
-    with pytest.raises(RunDirError, match="no claims.json"): make_readme.findings_cell(tmp_path)
+        try: paragraph = findings_paragraph(d)
+        except RunDirError:
+            assert not (d / "story.png").exists(), d
+            continue
+        told += 1
+        assert f"`results/{d.name}/`" in paragraph and (d / "story.png").stat().st_size > 10_000, d
+    assert told, "no stored study gives the findings"
+    with pytest.raises(RunDirError): findings_paragraph(tmp_path)
 
 
-def test_generated_readme_follows_the_notebook(tmp_path):
-    "The generator itself: markdown cells in order, docs-only and code cells left out, local links into nbs/."
+def test_generated_readme_follows_the_notebook(tmp_path, monkeypatch):
+    "The generator itself: markdown cells in order, docs-only and code cells left out, the figure cell as a link, links from the top."
     def cell(kind, src):
         return {"cell_type": kind, "metadata": {}, "source": src,
                 **({"outputs": [], "execution_count": None} if kind == "code" else {})}
     nb = {"cells": [cell("markdown", "# T\n> d"), cell("code", "print(1)"), cell("markdown", "<!-- docs-only -->\npicture"),
-                    cell("markdown", "See [core](00_core.ipynb), [site](https://x.org/a.ipynb) and ![f](images/f.png).")],
+                    cell("markdown", "See [core](api/00_core.ipynb), [site](https://x.org/a.ipynb) and ![f](images/f.png)."),
+                    cell("code", '#| echo: false\nSTUDY = Path("../results/s")\nImage(filename=STUDY / "story.png")')],
           "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     (tmp_path / "index.ipynb").write_text(json.dumps(nb))
+    monkeypatch.setattr(make_readme, "caption", lambda study: f"the key figure of {study}")
     text = make_readme.readme_text(tmp_path / "index.ipynb")
-    assert text == make_readme.HEADER + \
-        "# T\n> d\n\nSee [core](nbs/00_core.ipynb), [site](https://x.org/a.ipynb) and ![f](nbs/images/f.png).\n"
+    assert text == make_readme.HEADER + ("# T\n> d\n\nSee [core](nbs/api/00_core.ipynb), [site](https://x.org/a.ipynb) and "
+                                         "![f](nbs/images/f.png).\n\n![the key figure of ../results/s](results/s/story.png)\n")
 
 
 # ------------------------------------------------------------------------------------------------ two commands
@@ -180,23 +202,28 @@ def _get(url: str, tries: int = 60) -> bytes:
     raise AssertionError(f"nothing answered at {url}")
 
 
-def test_recipe_read_the_book():
-    "`make docs`, then the site served from _docs: its index page is this README's page, figure included."
+def test_recipe_read_the_book(docs_site):
+    """`make docs` is the build the suite made (`docs_site`); the site served with the README's command: its index
+    page is this README's page, with the findings paragraph and the figure computed when it rendered."""
     ((lang, code),) = recipe("Read the book")
     build, serve = commands(code)
     assert (lang, build, serve) == ("sh", "make docs", "python -m http.server -d _docs 8000")
-    _run_shell([build], ROOT, {**os.environ, "MPLBACKEND": "Agg"}, timeout=3600)
+    dry = subprocess.run(["make", "-n", "docs"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert "python tools/build_docs.py" in dry and "python tools/build_docs.py" in (ROOT / "tools/run_tests.sh").read_text()
     port = _free_port()
     server = subprocess.Popen([sys.executable, *shlex.split(serve)[1:-1], str(port)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         page = _get(f"http://127.0.0.1:{port}/index.html").decode()
-        assert "Quick start" in page and "What the package found" in page and "story.png" in page
-        image = re.search(r"""src=["']([^"']*story\.png)""", page).group(1)
-        assert _get(f"http://127.0.0.1:{port}/{image}").startswith(b"\x89PNG")
     finally:
         server.terminate()
         server.wait(timeout=30)
+    assert "Quick start" in page and "What the package found" in page
+    found = page[page.index("What the package found"):page.index("Quick start", page.index("What the package found"))]
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", found)).replace("\u2019", "'").split())
+    paragraph = plain(section(readme(), "## What the package found").split("![")[0].strip().split("\n\n")[-1])
+    assert " ".join(paragraph.split()[:12]) in text, "the page's findings are not the README's"
+    assert "data:image/png;base64," in found, "the page shows no figure under its findings"
 
 
 @pytest.fixture
@@ -207,6 +234,7 @@ def fake_cifar_home(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_recipe_cas_of_your_own_model(fake_cifar_home):
     "The five lines of Python, then the two commands, on a ResNet-18 state dict W.pt and a small CIFAR-10."
     tmp, work = fake_cifar_home, fake_cifar_home / "work"
@@ -237,6 +265,7 @@ def _small(line: str) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_recipe_the_papers_recipe_on_a_gpu(fake_cifar_home):
     "CIFAR-10 from ~/data through CROSSCLASS_DATA, train, resume, cas of best vs last, eval, and torchrun (2 CPUs)."
     tmp, work = fake_cifar_home, fake_cifar_home / "work"

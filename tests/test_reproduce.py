@@ -1,5 +1,5 @@
 """`crossclass reproduce --quick` end to end: it trains the tiny study in a subprocess, prints its output directory,
-writes the report and the CSV/JSON behind it, and the report renders in Chromium (the `serve` and `chromium` fixtures
+writes the report, the CSV/JSON behind it and the story figure, and the report renders in Chromium (the `serve` and `chromium` fixtures
 of conftest.py) with every image loaded and no request leaving the machine."""
 import csv
 import json
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from crossclass_nb.experiments import CLAIMS, VERDICTS, get_study
+from crossclass_nb.claims import CLAIMS, VERDICTS
+from crossclass_nb.studies import get_study
 
-# the command as a user runs it: not quiet (the trainer and the study go quiet when they see PYTEST_CURRENT_TEST)
-ENV = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"} | {"MPLBACKEND": "Agg"}
+# the command as a user runs it: not quiet (the suite sets CROSSCLASS_QUIET=1)
+ENV = {k: v for k, v in os.environ.items() if k != "CROSSCLASS_QUIET"} | {"MPLBACKEND": "Agg"}
 CROSSCLASS = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())"]
 
 
@@ -38,6 +39,7 @@ def test_quick_run_writes_everything(quick):
     for s in study.runs:
         for f in ("config.json", "metrics.csv", "metrics.jsonl", "best.pt", "last.pt"): assert (out / "runs" / s.name / f).is_file()
         assert len(list((out / "runs" / s.name / "cas").glob("epoch_*.json"))) == s.config.epochs
+    assert (out / "story.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "summary.csv") as f: assert len(list(csv.DictReader(f))) == len(study.runs)
     claims = json.loads((out / "claims.json").read_text())
     assert [c["id"] for c in claims] == [c["id"] for c in CLAIMS] and all(c["verdict"] in VERDICTS for c in claims)

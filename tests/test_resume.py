@@ -10,14 +10,18 @@ from pathlib import Path
 
 import torch
 
-from crossclass_nb.training import get_config, load_checkpoint, load_metrics, train
+from crossclass_nb.config import get_config
+from crossclass_nb.rundir import load_metrics
+from crossclass_nb.checkpoint import load_checkpoint
+from crossclass_nb.training import train
 
 # tiny and quick, but long enough (several epochs, a checkpoint per epoch) for kills to land in different places
 CFG = get_config("fmnist-tiny", epochs=8, save_every=2, figures=False, train_size=400, test_size=100, val_size=100)
 
 SCRIPT = """
 import sys
-from crossclass_nb.training import TrainConfig, train
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.training import train
 train(TrainConfig.from_json(sys.argv[1]), sys.argv[2], resume=True, quiet=True)
 """
 

@@ -5,7 +5,9 @@ import builtins
 import pytest
 
 from crossclass_nb.core import MissingExtraError
-from crossclass_nb.training import get_config, load_metrics, train
+from crossclass_nb.config import get_config
+from crossclass_nb.rundir import load_metrics
+from crossclass_nb.training import train
 
 
 def test_event_file_holds_the_scalars_and_heat_maps(tmp_path):

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from crossclass_nb.core import CheckpointError, CrossclassError, InputError, RunDirError
-from crossclass_nb.training import (PRESETS, CheckpointCB, RunLock, TrainConfig, get_config, load_checkpoint,
-                                    load_metrics, load_model, parse_setting, train)
+from crossclass_nb.config import PRESETS, TrainConfig, get_config, parse_setting
+from crossclass_nb.rundir import RunLock, load_metrics
+from crossclass_nb.checkpoint import CheckpointCB, load_checkpoint, load_model
+from crossclass_nb.training import train
 
 TINY = dict(epochs=1, figures=False, cas_every=0)
 
@@ -31,7 +33,7 @@ def test_presets_round_trip_and_validate():
         assert get_config(name) == cfg
     assert get_config("cifar10-paper").select_on == "val" and get_config("cifar10-paper", select_on="test").select_on == "test"
     assert parse_setting("milestones", "[100, 150]") == [100, 150]
-    with pytest.raises(InputError, match="did you mean 'epochs'"): parse_setting("epoch", "3")
+    with pytest.raises(InputError): parse_setting("epoch", "3")     # message: asserted in 08
     for bad in ({"eps": float("nan")}, {"kd_start": 5, "kd_end": 2}, {"batch_size": 0}, {"model": "vgg"}):
         with pytest.raises(InputError): get_config("fmnist-tiny", **bad)
 
@@ -41,7 +43,7 @@ def test_checkpoint_is_plain_and_validated(run_dir, tmp_path):
     assert ck["format_version"] == 1 and ck["epoch"] == 1 and len(ck["rng"]) == 1 and ck["history"][0]["epoch"] == 1
     for k in ("model", "optimizer", "scheduler", "scaler", "best_score", "best_epoch", "config"): assert k in ck
     torch.save({**ck, "format_version": 2}, tmp_path / "newer.pt")
-    with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "newer.pt")     # message: asserted in 06
+    with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "newer.pt")     # message: asserted in 11
     (tmp_path / "cut.pt").write_bytes((run_dir / "last.pt").read_bytes()[:3000])
     with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "cut.pt")     # message: the catalogue
     extra = dict(ck["model"]); extra["head.extra"] = torch.zeros(1)
@@ -57,7 +59,7 @@ def test_failed_checkpoint_write_keeps_previous(run_dir, tmp_path, monkeypatch):
     def full_disk(obj, f, *a, **k):
         real_save(obj, f, *a, **k); raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"the previous (best|last)\.pt is intact"):
+    with pytest.raises(CheckpointError):     # "the previous last.pt is intact": asserted in 11
         train(get_config("fmnist-tiny", **{**TINY, "epochs": 2}), d, resume=True)
     monkeypatch.undo()
     assert all((d / f).read_bytes() == b for f, b in before.items()) and not list(d.glob(".*.tmp"))
@@ -75,33 +77,33 @@ def test_malicious_checkpoints_never_run(run_dir, tmp_path):
     marker = tmp_path / "PWNED"
     evil = {"format_version": 1, "epoch": 1, "model": Payload(marker), "config": {}, "model_info": {}}
     torch.save(evil, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused"): load_model(tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused"): load_checkpoint(tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused"):                 # as a KD teacher
+    with pytest.raises(CheckpointError): load_model(tmp_path / "evil.pt")     # "refused unloaded": asserted in 11
+    with pytest.raises(CheckpointError): load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):                                  # as a KD teacher
         train(get_config("fmnist-tiny", kd="teacher", kd_teacher=str(tmp_path / "evil.pt"), **TINY), tmp_path / "kd")
     assert not (tmp_path / "kd").exists()
     import shutil
     d = tmp_path / "resume"; shutil.copytree(run_dir, d); torch.save(evil, d / "last.pt")
-    with pytest.raises(CheckpointError, match="refused"): train(None, d, resume=True)   # on resume
+    with pytest.raises(CheckpointError): train(None, d, resume=True)   # on resume
     assert not marker.exists()
 
 
 def test_refusals_leave_disk_unchanged(run_dir, tmp_path, snapshot):
     before = snapshot(run_dir)
-    with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **TINY), run_dir)     # messages: asserted in 06
+    with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **TINY), run_dir)     # messages: asserted in 10
     with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **{**TINY, "lr": 0.5}), run_dir, resume=True)
     with pytest.raises(InputError): train(None, run_dir, resume=True, overwrite=True)   # message: the catalogue
     assert snapshot(run_dir) == before
     other = tmp_path / "other"; other.mkdir(); (other / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError): train(get_config("fmnist-tiny", **TINY), other, overwrite=True)
     assert snapshot(other) == {"notes.txt": snapshot(other)["notes.txt"]}
-    with pytest.raises(InputError, match="unknown dataset"): train(TrainConfig(dataset="mnist2", **TINY), tmp_path / "x")
+    with pytest.raises(InputError): train(TrainConfig(dataset="mnist2", **TINY), tmp_path / "x")   # message: asserted in 08
     assert not (tmp_path / "x").exists()
 
 
 LOCKER = """
 import sys, time
-from crossclass_nb.training import RunLock
+from crossclass_nb.rundir import RunLock
 RunLock(sys.argv[1]).acquire(); print("locked", flush=True); time.sleep(600)
 """
 
@@ -122,7 +124,7 @@ def test_lock_refuses_live_holder_and_survives_its_death(run_dir, tmp_path):
 
 
 def test_divergence_is_caught(tmp_path):
-    with pytest.raises(CrossclassError, match="diverged"):
+    with pytest.raises(CrossclassError):     # "training diverged": asserted in 07
         train(get_config("fmnist-tiny", loss="standard", lr=1e12, momentum=0.0, **TINY), tmp_path / "nan")
     assert not (tmp_path / "nan" / "last.pt").exists()
 
@@ -161,7 +163,7 @@ def test_label_noise_flips_exactly_the_fraction_of_training_labels_only():
     big = flip_labels(clean["train"], 0.99, seed=1)
     assert (big.y != clean["train"].y).sum().item() == round(0.99 * 300)
     for bad in (-0.1, 1.0, float("nan")):
-        with pytest.raises(InputError, match="label_noise"):
+        with pytest.raises(InputError):     # message: asserted in 08
             get_config("fmnist-tiny", label_noise=bad)
 
 

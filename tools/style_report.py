@@ -1,7 +1,7 @@
 """Measure how airy the exported code is: function lengths, `;`-chained lines, long lines, exported-cell sizes.
 
-    python scripts/style_report.py            # a table on stdout
-    python scripts/style_report.py --check    # also exit 1 if a target is missed
+    python tools/style_report.py            # a table on stdout
+    python tools/style_report.py --check    # also exit 1 if a target is missed
 
 Targets: no `;`-chained statement, at most 1 % of code lines over 120 characters, exported cells with a median of at most
 12 lines and none over 40.

@@ -4,9 +4,9 @@ Runs `crossclass train` through torchrun (gloo, 2 processes, the fmnist-tiny pre
 while busy processes keep every core occupied, and counts the runs that fail: a non-zero exit, an abort at teardown
 ("terminate called without an active exception", SIGABRT), or a run directory without its metrics.
 
-    python scripts/ddp_stress.py                  # 30 runs, one busy process per core
-    python scripts/ddp_stress.py --runs 50 --busy 4 --out /tmp/stress
-    python scripts/ddp_stress.py --json bench/ddp_stress.json     # also store the summary as JSON
+    python bench/ddp_stress.py                  # 30 runs, one busy process per core
+    python bench/ddp_stress.py --runs 50 --busy 4 --out /tmp/stress
+    python bench/ddp_stress.py --json bench/ddp_stress.json     # also store the summary as JSON
 
 Exit status 0 when no run failed; the log of every failed run is kept under --out.
 """
@@ -59,7 +59,7 @@ def write_summary(path: Path, a, failures: list, seconds: list, total: float) ->
                "processes_per_run": a.nproc, "backend": "gloo", "busy_processes": a.busy, "cpu_count": os.cpu_count(),
                "seconds_total": round(total), "seconds_per_run": seconds, "torch": torch.__version__,
                "python": platform.python_version(), "machine": platform.machine(),
-               "command": "python scripts/ddp_stress.py " + " ".join(sys.argv[1:]),
+               "command": "python bench/ddp_stress.py " + " ".join(sys.argv[1:]),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")

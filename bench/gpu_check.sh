@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU path in one command: every check of the GPU review, one line each, then a summary line.
+# The GPU path in one command: every check of the GPU path, one line each, then a summary line.
 #
-#   scripts/gpu_check.sh                  # on a GPU (--device cuda, the default): about 10 minutes on one modern GPU
-#   scripts/gpu_check.sh --device cpu     # the same checks, shrunk to a minute or two on a CPU (run by the tests)
-#   scripts/gpu_check.sh --out DIR        # logs and benchmark JSON go here (default: bench/gpu_check)
+#   bench/gpu_check.sh                  # on a GPU (--device cuda, the default): about 10 minutes on one modern GPU
+#   bench/gpu_check.sh --device cpu     # the same checks, shrunk to a minute or two on a CPU (run by the tests)
+#   bench/gpu_check.sh --out DIR        # logs and benchmark JSON go here (default: bench/gpu_check)
 #
 # CIFAR-10 comes from $CROSSCLASS_DATA (or the other places the data module looks) if it is there; otherwise a small
 # fake in torchvision's CIFAR format is written. Exit status: 0 if no check failed.
@@ -68,7 +68,7 @@ precision() {  # precision AMP: train in AMP with channels-last, then eval and c
     "$PY" - "$dir" <<'EOF'
 import json, sys
 from pathlib import Path
-from crossclass_nb.training import load_metrics
+from crossclass_nb.rundir import load_metrics
 run = Path(sys.argv[1])
 row, final = load_metrics(run)[-1], json.loads((run / "final_eval.json").read_text())
 assert list(run.glob("eval/*.json")) and list(run.glob("cas_cli/*.json")), "eval or cas wrote no JSON"
@@ -83,7 +83,9 @@ import functools, sys
 from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
-from crossclass_nb.training import COMPILE_RECOMPILE_LIMIT, TrainConfig, load_metrics, train
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.rundir import load_metrics
+from crossclass_nb.training import COMPILE_RECOMPILE_LIMIT, train
 runs, device = Path(sys.argv[1]), sys.argv[2]
 if device == "cpu":   # the same tracing and graph count; inductor's C++ code generation would take minutes here
     torch.compile = functools.partial(torch.compile, backend="eager")
@@ -101,7 +103,10 @@ resume() {  # deterministic=True: a run killed (SIGKILL) in its second epoch and
 import os, signal, subprocess, sys
 from pathlib import Path
 import torch
-from crossclass_nb.training import TrainConfig, load_checkpoint, load_metrics, train
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.rundir import load_metrics
+from crossclass_nb.checkpoint import load_checkpoint
+from crossclass_nb.training import train
 runs = Path(sys.argv[1])
 base = TrainConfig.from_json(runs / "none" / "config.json").to_dict()
 cfg = TrainConfig.from_dict({**base, "deterministic": True, "epochs": 3, "milestones": [2], "final_eval": False,
@@ -110,7 +115,9 @@ cfg.to_json(runs / "deterministic.json")
 train(cfg, runs / "straight")
 killer = f"""
 import os, signal
-from crossclass_nb.training import Callback, TrainConfig, train
+from crossclass_nb.learner import Callback
+from crossclass_nb.config import TrainConfig
+from crossclass_nb.training import train
 class Kill(Callback):
     def before_batch(self, t):
         if t.epoch == 1 and t.iter == 1: os.kill(os.getpid(), signal.SIGKILL)
@@ -135,7 +142,8 @@ ddp() {  # torchrun over NPROC processes (gloo on the CPU, NCCL on GPUs)
     -m crossclass_nb train $(recipe) --out "$WORK/runs/ddp" --quiet &&
     "$PY" - "$WORK/runs/ddp" "$1" "$TRAIN" <<'EOF'
 import sys
-from crossclass_nb.training import load_checkpoint, load_metrics
+from crossclass_nb.rundir import load_metrics
+from crossclass_nb.checkpoint import load_checkpoint
 run, nproc, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rows = load_metrics(run)
 assert all(r["train_n"] == n for r in rows), "the processes did not share the training set"

@@ -4,7 +4,9 @@ Every page shows the outputs of its notebook run top to bottom. The committed no
 runs each one once (two at a time, each in a fresh process, in its own folder, skipping exactly the cells `nbdev_test`
 skips: `#| eval: false` and the settings' `tst_flags`) through nbdev's own docs processors, with nbdev's
 `exec_show_docs` (which runs only exporting, import and show_doc cells) replaced by a processor that runs them all.
-So the outputs on the site are the ones the current code produces, and hidden cells stay hidden. The executed copies
+So the outputs on the site are the ones the current code produces, and hidden cells stay hidden. This run is also the
+test of the notebooks (it replaces `nbdev_test`): a cell that raises stops the build with the notebook, the cell and
+the traceback, and the time each notebook took is listed at the end, slowest first. The executed copies
 land in `_proc/` and are rendered by Quarto when it is on PATH (as `nbdev_docs` does), else by the pure-Python
 `smalldocs`. The site is then made self-contained: KaTeX is served from the site itself, external font imports are
 dropped, and links to the published docs become relative links.
@@ -39,6 +41,12 @@ FONT_IMPORT = re.compile(r"@import\s+url\(\s*[\"']?https?://[^)]*\)\s*;?")
 EXTERNAL_LOAD = re.compile(r"""(?:\bsrc=["']|<link[^>]*rel=["'](?:stylesheet|preload|modulepreload)["'][^>]*href=["']|url\(\s*["']?|@import\s+["'])(https?:)?//""")
 
 
+def shown(nb: Path) -> str:
+    "A notebook as the reader knows it: its path under nbs/ (`api/00_core.ipynb`)."
+    nbs = get_config().nbs_path
+    return Path(nb).resolve().relative_to(nbs.resolve()).as_posix() if Path(nb).resolve().is_relative_to(nbs.resolve()) else str(nb)
+
+
 def skipped_by_tests(cell) -> bool:
     "What `nbdev_test` skips: non-code cells, `nbdev_export()` calls, `#| eval: false`, cells with one of the `tst_flags`."
     if cell.cell_type != "code" or "nbdev_export(" in cell.source: return True
@@ -57,7 +65,7 @@ class run_cells(exec_show_docs):
         if str2bool(getattr(self.nb, "frontmatter_", {}).get("skip_exec", False)): return super().__call__(cell)
         if not hasattr(self, "k") or skipped_by_tests(cell): return
         self.k.cell(cell)
-        if self.k.exc: raise RuntimeError(f"{Path(self.nb.path_).name}, cell {cell.idx_}:\n{cell.source}") from self.k.exc
+        if self.k.exc: raise RuntimeError(f"{shown(Path(self.nb.path_))}, cell {cell.idx_}:\n{cell.source}") from self.k.exc
 
 
 class ExecutedDocs(FilterDefaults):
@@ -75,9 +83,9 @@ def execute_notebook(src: Path, dst: Path) -> tuple[str, float, str]:
         nb = read_nb(src)
         ExecutedDocs()(nb)
         write_nb(nb, dst)
-        return src.name, time.time() - start, ""
+        return shown(src), time.time() - start, ""
     except Exception:
-        return src.name, time.time() - start, traceback.format_exc()
+        return shown(src), time.time() - start, traceback.format_exc()
 
 
 def copy_site_files(proc: Path):
@@ -97,12 +105,17 @@ def process_notebooks(only: list[Path], n_workers: int = 2) -> Path:
     proc.mkdir(exist_ok=True)
     copy_site_files(proc)
     todo = [nb.resolve() for nb in only] or sorted(nbglob(nbs, func=Path))
+    dst = {nb: proc / nb.relative_to(nbs.resolve()) for nb in todo}  # nbs/api/00_core.ipynb -> _proc/api/00_core.ipynb
+    for d in dst.values(): d.parent.mkdir(parents=True, exist_ok=True)
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # a fresh process for each notebook
     results = []
     with ProcessPoolExecutor(min(n_workers, len(todo)), mp_context=multiprocessing.get_context("spawn"), **fresh) as pool:
-        for done in as_completed([pool.submit(execute_notebook, nb, proc / nb.name) for nb in todo]):
+        for done in as_completed([pool.submit(execute_notebook, nb, dst[nb]) for nb in todo]):
             results.append(done.result())  # not a daemon pool: a notebook may start processes of its own
-            print(f"executed {results[-1][0]} in {results[-1][1]:.0f} s", flush=True)
+            name, seconds, error = results[-1]
+            print(f"{'FAILED' if error else 'executed'} {name} in {seconds:.0f} s", flush=True)
+    print("notebook timings, slowest first:\n" + "\n".join(f"  {t:6.0f} s  {name}" for name, t, _ in
+                                                            sorted(results, key=lambda r: -r[1])), flush=True)
     failed = [(name, error) for name, _, error in results if error]
     for name, error in failed: print(f"\n{name} failed:\n{error}", file=sys.stderr)
     if failed: sys.exit(f"build_docs: {len(failed)} notebook(s) failed to run: {', '.join(n for n, _ in failed)}")
@@ -134,10 +147,14 @@ def site_files(exts=(".html", ".json", ".xml", ".css", ".js")):
 
 
 def name_pages_as_nbdev(proc: Path):
-    "smalldocs names a page after its notebook (00_core.html); nbdev and Quarto use `output-file` (core.html). Use nbdev's."
-    names = {f"{nb.stem}.html": out for nb in proc.glob("*.ipynb") if (out := output_file(nb)) and out != f"{nb.stem}.html"}
-    for old, new in names.items():
-        if (DOCS / old).exists(): (DOCS / old).rename(DOCS / new)
+    """smalldocs names a page after its notebook (api/00_core.html); nbdev and Quarto use `output-file` (api/core.html).
+    Use nbdev's: rename the pages, then every link to them (a link names the file, in whatever folder it points to)."""
+    renamed = {nb.relative_to(proc).with_suffix(".html"): out for nb in proc.rglob("*.ipynb")
+               if "_docs" not in nb.relative_to(proc).parts and (out := output_file(nb)) and out != f"{nb.stem}.html"}
+    for old, new in renamed.items():
+        if (DOCS / old).exists(): (DOCS / old).rename(DOCS / old.with_name(new))
+    names = {old.name: new for old, new in renamed.items()}
+    if len(names) < len(renamed): sys.exit(f"two notebooks in different folders share a file name: {sorted(renamed)}")
     if not names: return
     pat = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
     for f in site_files((".html", ".json", ".xml")):
@@ -179,12 +196,12 @@ def make_self_contained():
 
 
 def main(argv: list[str]):
-    "`build_docs.py` builds the whole site; `build_docs.py nbs/02_synthetic.ipynb ...` re-runs only those notebooks."
+    "`build_docs.py` builds the whole site; `build_docs.py nbs/api/02_synthetic.ipynb ...` re-runs only those notebooks."
     start = time.time()
     os.chdir(ROOT)
     render(process_notebooks([Path(a) for a in argv]))
     make_self_contained()
-    pages = sorted(p.name for p in DOCS.glob("*.html"))
+    pages = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.html") if "site_libs" not in p.parts)
     print(f"docs site in {DOCS.relative_to(ROOT)}/ ({len(pages)} pages: {', '.join(pages)}) in {time.time() - start:.0f} s")
 
 
