@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from crossclass_nb.attacks import PGD
 from crossclass_nb.attribution import AttributionResult, CASTracker, attribution_report
 from crossclass_nb.core import InputError, RunDirError
-from crossclass_nb.experiments import cas_record, checkpoint_epochs, plot_per_class, plot_run_matrices
+from crossclass_nb.analysis import cas_record, checkpoint_epochs
+from crossclass_nb.figures import plot_per_class, plot_run_matrices
 from crossclass_nb.rundir import load_metrics
 
 CLASSES = ["a", "b", "c", "d"]
