@@ -116,13 +116,13 @@ def test_every_model_runs_under_deterministic_algorithms(deterministic, name):
 
 
 def test_gpu_check_script_runs_to_the_end_on_the_cpu(tmp_path):
-    "scripts/gpu_check.sh --device cpu: every check passes on a fake CIFAR, one line each, and a summary line."
+    "bench/gpu_check.sh --device cpu: every check passes on a fake CIFAR, one line each, and a summary line."
     import os
     import subprocess
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "CROSSCLASS_DEVICE")}
-    p = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path)],
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path)],
                        cwd=root, env={**env, "CROSSCLASS_DATA": str(tmp_path / "no-data")}, capture_output=True,
                        text=True, timeout=900)
     lines = p.stdout.strip().splitlines()
