@@ -5,6 +5,7 @@
 # %% ../nbs/api/15_analysis.ipynb #5ab799d9
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -19,8 +20,8 @@ from .studies import RunSpec, load_study, run_finished
 
 # %% auto #0
 __all__ = ['EARLY_FRACTION', 'CONFIDENCE', 'finite', 'checkpoint_epochs', 'spearman', 'run_summary', 'cas_record',
-           'study_summary', 'key_run', 'method_rows', 'column', 'mean_sd', 'fmt_spread', 'mean_ci', 'direction',
-           'fmt_ci', 'make_light']
+           'control_numbers', 'study_summary', 'key_run', 'method_rows', 'column', 'mean_sd', 'fmt_spread', 'mean_ci',
+           'direction', 'fmt_ci', 'make_light']
 
 # %% ../nbs/api/15_analysis.ipynb #8078b2c4
 EARLY_FRACTION = 0.35 # the paper's underfitting checkpoint: epoch 70 of 200
@@ -95,15 +96,29 @@ def cas_record(run_dir: str | Path, # a run directory
                                           "pick an epoch with a measurement (cas_every)")
     return json.loads(p.read_text())
 
+# %% ../nbs/api/15_analysis.ipynb #94e9c330
+def control_numbers(out_dir: str | Path, # the study directory
+                    row: dict, # the summary row of a hard-label AT run
+                    rows: list[dict], # every summary row of the study
+                   ) -> dict:
+    "The matched control's CAS fall over the run's best and last epochs, and the run's excess ΔCAS (NaN without one)."
+    match = [r for r in rows if r["method"] == "at_clean" and r["seed"] == row["seed"]
+             and math.isclose(r["eps"], row["eps"], rel_tol=1e-6)]
+    if not match: return {"dcas_control": float("nan"), "dcas_excess": float("nan")}
+    cas = {m["epoch"]: m["cas"] for m in load_metrics(Path(out_dir) / "runs" / match[0]["name"]) if finite(m.get("cas"))}
+    fall = cas.get(row["best_epoch"], float("nan")) - cas.get(row["last_epoch"], float("nan"))
+    return {"dcas_control": fall, "dcas_excess": row["dcas"] - fall}
+
 # %% ../nbs/api/15_analysis.ipynb #27cd0321
 def study_summary(out_dir: str | Path, # a study directory written by `run_study`
                  ) -> list[dict]:
     "One `run_summary` per finished run of the study, with its method, seed and eps."
     out = Path(out_dir)
     study = load_study(out)
-    return [{"name": s.name, "method": s.method, "setting": s.setting, **run_summary(out / "runs" / s.name),
+    rows = [{"name": s.name, "method": s.method, "setting": s.setting, **run_summary(out / "runs" / s.name),
              "seed": s.seed, "eps": s.eps}
             for s in study.runs if run_finished(out / "runs" / s.name, s.config.epochs)]
+    return [{**r, **control_numbers(out, r, rows)} if r["method"] == "at" else r for r in rows]
 
 # %% ../nbs/api/15_analysis.ipynb #9335a958
 def key_run(out_dir: str | Path, # a study directory
@@ -127,8 +142,8 @@ def method_rows(rows, method, eps=None):
 
 # %% ../nbs/api/15_analysis.ipynb #d46187d2
 def column(seed_rows, k) -> list:
-    "The values of `k` in `seed_rows`."
-    return [r[k] for r in seed_rows]
+    "The values of `k` in `seed_rows` (NaN where a row lacks it)."
+    return [r.get(k, float("nan")) for r in seed_rows]
 
 # %% ../nbs/api/15_analysis.ipynb #a1d0a0f6
 def mean_sd(values) -> tuple[float, float]:
@@ -149,14 +164,18 @@ def fmt_spread(values, digits: int = 1) -> str:
 CONFIDENCE = 0.95 # level of the paired confidence interval that decides whether a difference is clear
 
 # %% ../nbs/api/15_analysis.ipynb #76e74557
+@functools.lru_cache
+def _t_quantile(p: float, df: int) -> float:
+    from scipy.stats import t as student_t
+    return float(student_t.ppf(p, df))
+
 def mean_ci(values) -> tuple[float, float, float]:
     "Mean and the Student-t `CONFIDENCE` interval of the mean of the finite values (NaN interval for fewer than 2)."
-    from scipy.stats import t as student_t
     v = np.array([x for x in values if finite(x)], float)
     if len(v) == 0: return float("nan"), float("nan"), float("nan")
     m = float(v.mean())
     if len(v) < 2: return m, float("nan"), float("nan")
-    half = float(student_t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    half = _t_quantile(0.5 + CONFIDENCE / 2, len(v) - 1) * float(v.std(ddof=1)) / np.sqrt(len(v))
     return m, m - half, m + half
 
 # %% ../nbs/api/15_analysis.ipynb #f6bff148

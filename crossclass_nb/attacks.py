@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .core import (NORMS, CrossclassError, InputError, MissingExtraError, check_batch_size, check_images,
+from .core import (NORMS, InputError, check_batch_size, check_images,
                                 images_are_checked, images_checked, import_extra, parse_number, random_perturbation)
 
 # %% auto #0

@@ -5,6 +5,8 @@
 # %% ../nbs/api/16_claims.ipynb #0b21225a
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from .analysis import (CONFIDENCE, column, direction, finite, fmt_ci, fmt_spread, mean_ci, mean_sd,
@@ -12,8 +14,8 @@ from .analysis import (CONFIDENCE, column, direction, finite, fmt_ci, fmt_spread
 from .studies import METHODS, SOFT_METHODS
 
 # %% auto #0
-__all__ = ['VERDICTS', 'OVERFIT_GAP', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS', 'sign_verdict', 'parts_verdict', 'overfits',
-           'evaluate_claims']
+__all__ = ['VERDICTS', 'OVERFIT_GAP', 'RHO_CLEAR', 'RHO_TREND', 'CLAIMS', 'BOOTSTRAP', 'STABLE', 'sign_verdict', 'parts_verdict',
+           'overfits', 'evaluate_claims', 'resample_seeds', 'bootstrap_stability', 'judge_claims', 'shown_verdict']
 
 # %% ../nbs/api/16_claims.ipynb #14390072
 VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
@@ -42,37 +44,68 @@ def overfits(gaps) -> bool:
 # %% ../nbs/api/16_claims.ipynb #e89b3e99
 _DIRECTION = {1: "clearly positive", 0: "unclear", -1: "clearly negative"}
 
-#| export
 def _ci_text(values) -> str: return f"{fmt_ci(values)}, {_DIRECTION[direction(values)]}"
 
+def _other_way(text: str, opposite: bool) -> str:
+    "The measured text, marked when every part of the claim is clear in the opposite direction."
+    return text + ("; clearly the other way" if opposite else "")
+
 # %% ../nbs/api/16_claims.ipynb #1130406d
-def _claim1(rows, main_eps, unit):
+def _control(rows, eps) -> tuple[list, bool]:
+    "The matched control's rows at `eps`, and whether it is valid: there for every seed, and not overfitting itself."
+    at, ctrl = method_rows(rows, "at", eps), method_rows(rows, "at_clean", eps)
+    valid = bool(ctrl) and {r["seed"] for r in ctrl} >= {r["seed"] for r in at} and not overfits(column(ctrl, "gap"))
+    return ctrl, valid
+
+def _control_text(rows, eps) -> str:
+    "The control's gap, its CAS fall over the overfitting run's best and last epochs, and the excess ΔCAS."
+    ctrl, valid = _control(rows, eps)
+    if not ctrl: return "no matched control"
+    at = method_rows(rows, "at", eps)
+    return (f"control (clean labels): gap {fmt_spread(column(ctrl, 'gap'))} pt"
+            f"{'' if valid else ' (it overfits: not a control)'}, ΔCAS over the same epochs "
+            f"{fmt_spread(column(at, 'dcas_control'))}; excess ΔCAS {_ci_text(column(at, 'dcas_excess'))}")
+
+def _claim1(rows, main_eps, unit, control=True):
     at = [r for r in rows if r["method"] == "at"]
     if not at: return "not testable here", "no hard-label AT runs", {}
-    parts, clear, nums = [], [], {}
+    parts, clear, against, uncontrolled, nums = [], [], [], [], {}
     for e in sorted({r["eps"] for r in at}):
         seed_rows = method_rows(rows, "at", e)
-        g, d = column(seed_rows, "gap"), column(seed_rows, "dcas")
-        nums[f"eps={e / unit:.4g}"] = {"gap": g, "dcas": d, "overfits": overfits(g), "dcas_ci": mean_ci(d)}
+        g, d, x = column(seed_rows, "gap"), column(seed_rows, "dcas"), column(seed_rows, "dcas_excess")
+        nums[f"eps={e / unit:.4g}"] = {"gap": g, "dcas": d, "overfits": overfits(g), "dcas_ci": mean_ci(d),
+                                       "dcas_excess": x, "dcas_excess_ci": mean_ci(x)}
         text = f"eps {e / unit:.4g}: gap {fmt_spread(g)} pt"
-        parts.append(text + (f" (overfits), ΔCAS {_ci_text(d)}" if overfits(g) else f", ΔCAS {fmt_spread(d)}"))
-        if overfits(g): clear.append(direction(d) > 0)
-    if not clear: return "not testable here", "no setting overfits; " + "; ".join(parts), nums
-    return parts_verdict(clear), "; ".join(parts), nums
+        if not overfits(g):
+            parts.append(text + f", ΔCAS {fmt_spread(d)}")
+            continue
+        parts.append(text + f" (overfits), ΔCAS {_ci_text(d)}" + (f"; {_control_text(rows, e)}" if control else ""))
+        against.append(direction(d) < 0)
+        if not control: clear.append(direction(d) > 0)
+        elif _control(rows, e)[1]: clear.append(direction(d) > 0 and direction(x) > 0)
+        else: uncontrolled.append(f"{e / unit:.4g}")
+    if not against: return "not testable here", "no setting overfits; " + "; ".join(parts), nums
+    if uncontrolled:
+        return "not testable here", f"no valid matched control at eps {', '.join(uncontrolled)}; " + "; ".join(parts), nums
+    return parts_verdict(clear), _other_way("; ".join(parts), all(against)), nums
 
 # %% ../nbs/api/16_claims.ipynb #14c470c1
 def _claim2(rows, main_eps, unit):
     seed_rows = method_rows(rows, "at", main_eps)
     if not seed_rows: return "not testable here", "no hard-label AT runs at the main eps", {}
     rho = column(seed_rows, "rho_rise")
+    kept = [x for x in rho if finite(x)]   # a seed whose best comes before its third measurement has no ρ
     text = (f"ρ(epoch, CAS) up to best: {fmt_spread(rho, 2)}; CAS early {fmt_spread(column(seed_rows, 'cas_early'))} "
             f"(epoch {seed_rows[0]['early_epoch']}), best {fmt_spread(column(seed_rows, 'cas_best'))} (epochs "
             f"{', '.join(str(r['best_epoch']) for r in seed_rows)}), max {fmt_spread(column(seed_rows, 'cas_max'))} "
             f"(epochs {', '.join(str(r['cas_max_epoch']) for r in seed_rows)})")
     nums = {"rho_rise": rho, "cas_early": column(seed_rows, "cas_early"), "cas_best": column(seed_rows, "cas_best")}
-    if not [x for x in rho if finite(x)]:
-        return "not testable here", text + " (best checkpoint before the third measurement)", nums
-    return parts_verdict([all(finite(x) and x >= RHO_CLEAR for x in rho)]), text, nums
+    if len(kept) < 2:
+        return "not testable here", text + (f" (best checkpoint before the third measurement in {len(rho) - len(kept)} "
+                                            f"of {len(rho)} seeds)"), nums
+    if len(kept) < len(rho): text += f" ({len(rho) - len(kept)} seed(s) with an earlier best left out)"
+    verdict = parts_verdict([all(x >= RHO_CLEAR for x in kept)])
+    return verdict, _other_way(text, all(x <= -RHO_CLEAR for x in kept)), nums
 
 # %% ../nbs/api/16_claims.ipynb #b761a67a
 def _comovement(rows, main_eps) -> str:
@@ -86,40 +119,46 @@ def _comovement(rows, main_eps) -> str:
     return ("; other methods: " + "; ".join(out)) if out else ""
 
 # %% ../nbs/api/16_claims.ipynb #e9d1e806
-def _claim3(rows, main_eps, unit):
+def _claim3(rows, main_eps, unit, control=True):
     seed_rows = method_rows(rows, "at", main_eps)
     if not seed_rows: return "not testable here", "no hard-label AT runs at the main eps", {}
     g, rho, d = column(seed_rows, "gap"), column(seed_rows, "rho_fall"), column(seed_rows, "dcas")
+    x = column(seed_rows, "dcas_excess")
     text = (f"gap {fmt_spread(g)} pt; ΔCAS {_ci_text(d)}; ρ(epoch, CAS) from best to last {fmt_spread(rho, 2)}; "
-            f"train robust acc at last {fmt_spread(column(seed_rows, 'train_rob_last'))}%" + _comovement(rows, main_eps))
-    nums = {"gap": g, "rho_fall": rho, "dcas": d, "dcas_ci": mean_ci(d)}
+            f"train robust acc at last {fmt_spread(column(seed_rows, 'train_rob_last'))}%"
+            + (f"; {_control_text(rows, main_eps)}" if control else "") + _comovement(rows, main_eps))
+    nums = {"gap": g, "rho_fall": rho, "dcas": d, "dcas_ci": mean_ci(d), "dcas_excess": x, "dcas_excess_ci": mean_ci(x)}
     if not overfits(g): return "not testable here", "no robust overfitting: " + text, nums
-    return parts_verdict([direction(d) > 0, all(finite(r) and r <= -RHO_CLEAR for r in rho)]), text, nums
+    if control and not _control(rows, main_eps)[1]: return "not testable here", "no valid matched control: " + text, nums
+    parts = [direction(d) > 0, all(finite(r) and r <= -RHO_CLEAR for r in rho)] + ([direction(x) > 0] if control else [])
+    against = [direction(d) < 0, all(finite(r) and r >= RHO_CLEAR for r in rho)] + ([direction(x) < 0] if control else [])
+    return parts_verdict(parts), _other_way(text, all(against)), nums
 
 # %% ../nbs/api/16_claims.ipynb #b62ee9a6
-def _eps_trend(rows, eps_values, key) -> tuple[list, float, bool]:
-    "Seed means of `key` over eps, their Spearman rho with eps, and whether largest − smallest eps is clearly positive."
+def _eps_trend(rows, eps_values, key) -> tuple[list, float, int]:
+    "Seed means of `key` over eps, their Spearman rho with eps, and the direction of largest − smallest eps (paired)."
     means = [mean_sd(column(method_rows(rows, "at", e), key))[0] for e in eps_values]
     lo, hi = ({r["seed"]: r[key] for r in method_rows(rows, "at", e)} for e in (eps_values[0], eps_values[-1]))
     paired = [hi[s] - lo[s] for s in hi if s in lo]
-    return means, spearman(eps_values, means), direction(paired) > 0
+    return means, spearman(eps_values, means), direction(paired)
 
 # %% ../nbs/api/16_claims.ipynb #41ce0d7e
 def _claim4(rows, main_eps, unit):
     eps_values = sorted({r["eps"] for r in rows if r["method"] == "at"})
     if len(eps_values) < 3:
         return "not testable here", f"the study has {len(eps_values)} eps value(s), the criterion needs 3", {}
-    mean_dcas, rho_dcas, clear_dcas = _eps_trend(rows, eps_values, "dcas")
-    mean_gap, rho_gap, clear_gap = _eps_trend(rows, eps_values, "gap")
+    mean_dcas, rho_dcas, dir_dcas = _eps_trend(rows, eps_values, "dcas")
+    mean_gap, rho_gap, dir_gap = _eps_trend(rows, eps_values, "gap")
     any_over = any(overfits(column(method_rows(rows, "at", e), "gap")) for e in eps_values)
     text = (f"eps {', '.join(f'{e / unit:.4g}' for e in eps_values)}: mean ΔCAS "
             f"{', '.join(f'{x:.1f}' for x in mean_dcas)} (ρ {rho_dcas:.2f}, largest − smallest eps "
-            f"{'clearly positive' if clear_dcas else 'not clear'}); mean gap {', '.join(f'{x:.1f}' for x in mean_gap)} "
-            f"pt (ρ {rho_gap:.2f}, {'clearly positive' if clear_gap else 'not clear'})"
-            + ("" if any_over else "; no eps overfits"))
+            f"{_DIRECTION[dir_dcas]}); mean gap {', '.join(f'{x:.1f}' for x in mean_gap)} "
+            f"pt (ρ {rho_gap:.2f}, {_DIRECTION[dir_gap]})" + ("" if any_over else "; no eps overfits"))
     nums = {"eps": eps_values, "dcas": mean_dcas, "gap": mean_gap, "rho_dcas": rho_dcas, "rho_gap": rho_gap}
-    up = lambda r: finite(r) and r >= RHO_TREND
-    return parts_verdict([up(rho_dcas) and clear_dcas, up(rho_gap) and clear_gap and any_over]), text, nums
+    up = lambda r, dr: finite(r) and r >= RHO_TREND and dr > 0
+    down = lambda r, dr: finite(r) and r <= -RHO_TREND and dr < 0
+    parts = [up(rho_dcas, dir_dcas), up(rho_gap, dir_gap) and any_over]
+    return parts_verdict(parts), _other_way(text, down(rho_dcas, dir_dcas) and down(rho_gap, dir_gap)), nums
 
 # %% ../nbs/api/16_claims.ipynb #79012ccf
 def _claim5(rows, main_eps, unit):
@@ -128,17 +167,18 @@ def _claim5(rows, main_eps, unit):
     if not hard or not soft:
         return "not testable here", "the study needs hard-label AT and at least one soft-label method", {}
     testable_b = overfits([r["gap"] for r in hard.values()])
-    texts, parts, nums = [], [], {}
+    texts, parts, against, nums = [], [], [], {}
     for m in soft:
         seed_rows = [r for r in method_rows(rows, m, main_eps) if r["seed"] in hard]
         a = [r["cas_last"] - hard[r["seed"]]["cas_last"] for r in seed_rows]
         b = [hard[r["seed"]]["gap"] - r["gap"] for r in seed_rows]
         parts += [direction(a) > 0] + ([direction(b) > 0] if testable_b else [False])
+        against += [direction(a) < 0] + ([direction(b) < 0] if testable_b else [])
         nums[m] = {"cas_last_diff": a, "gap_reduction": b,
                    "cas_last_diff_ci": mean_ci(a), "gap_reduction_ci": mean_ci(b)}
         texts.append(f"{m}: CAS(last) − hard {_ci_text(a)}; gap reduction {_ci_text(b)} pt")
     text = "; ".join(texts) + ("" if testable_b else " (hard-label AT does not overfit: the gap part is untestable)")
-    return parts_verdict(parts), text, nums
+    return parts_verdict(parts), _other_way(text, all(against)), nums
 
 # %% ../nbs/api/16_claims.ipynb #5618b0b5
 def _claim_std(rows, main_eps, unit):
@@ -148,7 +188,7 @@ def _claim_std(rows, main_eps, unit):
     d = [hard[r["seed"]]["cas_best"] - r["cas_best"] for r in std]
     text = (f"CAS(best) AT {fmt_spread([hard[r['seed']]['cas_best'] for r in std])} vs standard "
             f"{fmt_spread(column(std, 'cas_best'))}; difference {_ci_text(d)}")
-    return sign_verdict(d), text, {"diff": d, "diff_ci": mean_ci(d)}
+    return sign_verdict(d), _other_way(text, direction(d) < 0), {"diff": d, "diff_ci": mean_ci(d)}
 
 # %% ../nbs/api/16_claims.ipynb #5083daf4
 _CLEAR = (f"A difference is clear when the {100 * CONFIDENCE:g}% Student-t interval of its per-seed mean (paired by "
@@ -158,21 +198,26 @@ CLAIMS = [
                          "in every setting.",
      "criterion": _CLEAR + f"Hard-label AT at every eps of the study: ΔCAS = CAS(best) − CAS(last) per seed. Only "
                            f"settings that overfit count (test robust accuracy best − last ≥ {OVERFIT_GAP:g} points on "
-                           f"average and > 0 in every seed); with none the claim is not testable here. Reproduced: "
-                           f"ΔCAS clearly positive in every overfitting setting; partly: in some; otherwise not "
-                           f"reproduced.",
+                           f"average and > 0 in every seed); with none the claim is not testable here. Each overfitting "
+                           f"setting also needs its matched control (method at_clean: the same seeds on clean labels, "
+                           f"not overfitting itself), and its excess ΔCAS = ΔCAS − the control's CAS fall over the same "
+                           f"two epochs; without one the claim is not testable here. Reproduced: ΔCAS and excess ΔCAS "
+                           f"clearly positive in every overfitting setting; partly: in some; otherwise not reproduced.",
      "test": _claim1},
     {"id": "2", "claim": "Early in adversarial training CAS rises up to the best-robust-accuracy checkpoint.",
      "criterion": f"Hard-label AT at the main eps: Spearman ρ between epoch and CAS over the measured epochs up to the "
-                  f"best checkpoint, per seed. Reproduced: ρ ≥ {RHO_CLEAR} in every seed; otherwise not reproduced; "
-                  f"not testable if the best checkpoint comes before the third measurement.",
+                  f"best checkpoint, per seed; a seed whose best checkpoint comes before its third measurement is "
+                  f"left out, and with fewer than 2 seeds left the claim is not testable here. Reproduced: "
+                  f"ρ ≥ {RHO_CLEAR} in every seed left; otherwise not reproduced.",
      "test": _claim2},
     {"id": "3", "claim": "Robust overfitting coincides with CAS falling: the model drops shared features for "
                          "class-specific ones.",
      "criterion": _CLEAR + f"Hard-label AT at the main eps, if it overfits (as in claim 1; otherwise not testable "
                            f"here): (a) ΔCAS clearly positive, (b) Spearman ρ between epoch and CAS from the best "
-                           f"checkpoint to the last ≤ −{RHO_CLEAR} in every seed. Reproduced: both; partly: one; "
-                           f"otherwise not reproduced. The other methods' gap, ΔCAS and ρ are reported beside it.",
+                           f"checkpoint to the last ≤ −{RHO_CLEAR} in every seed, (c) excess ΔCAS over the matched "
+                           f"control (as in claim 1) clearly positive; without a valid control not testable here. "
+                           f"Reproduced: all three; partly: some; otherwise not reproduced. The other methods' gap, ΔCAS "
+                           f"and ρ are reported beside it.",
      "test": _claim3},
 ]
 
@@ -193,9 +238,9 @@ CLAIMS += [
      "test": _claim5},
     {"id": "6", "claim": "Together: robust overfitting is the loss of cross-class features, and soft labels help by "
                          "keeping them.",
-     "criterion": "Claims 3 and 5 together. Not testable here if claim 3 is not (no robust overfitting to explain); "
-                  "reproduced if both are reproduced; partly if either is reproduced or partly; otherwise not "
-                  "reproduced.",
+     "criterion": "Claims 3 and 5 together. Not testable here if claim 3 or claim 5 is not (no robust overfitting "
+                  "to explain, no control, or no soft-label run); reproduced if both are reproduced; partly if "
+                  "either is reproduced or partly; otherwise not reproduced.",
      "test": None},
     {"id": "S", "claim": "(Context, not one of the paper's numbered claims.) Adversarially trained models use more "
                          "cross-class features than standard training.",
@@ -206,8 +251,8 @@ CLAIMS += [
 
 # %% ../nbs/api/16_claims.ipynb #193ad5df
 def _claim6_verdict(v3: str, v5: str) -> str:
-    "Claims 3 and 5 together: not testable without claim 3; reproduced only if both are (an untestable 5 is not)."
-    if v3 == "not testable here": return v3
+    "Claims 3 and 5 together: not testable unless both are; reproduced only if both are."
+    if "not testable here" in (v3, v5): return "not testable here"
     if v3 == v5 == "reproduced": return "reproduced"
     return "partly" if {v3, v5} & {"reproduced", "partly"} else "not reproduced"
 
@@ -223,6 +268,8 @@ def evaluate_claims(rows: list[dict], # `study_summary` rows
         v, text, nums = c["test"](rows, main_eps, eps_unit)
         out[c["id"]] = {"id": c["id"], "claim": c["claim"], "criterion": c["criterion"], "measured": text,
                         "verdict": v, "numbers": nums}
+    for cid, test in (("1", _claim1), ("3", _claim3)):   # the verdict by the rules before the control was required
+        out[cid]["verdict_without_control"] = test(rows, main_eps, eps_unit, control=False)[0]
     v3, v5 = out["3"]["verdict"], out["5"]["verdict"]
     c6 = next(c for c in CLAIMS if c["id"] == "6")
     out["6"] = {"id": "6", "claim": c6["claim"], "criterion": c6["criterion"],
@@ -230,3 +277,49 @@ def evaluate_claims(rows: list[dict], # `study_summary` rows
                 "verdict": _claim6_verdict(v3, v5), "numbers": {}}
     n_seeds = len({r["seed"] for r in rows})
     return [dict(out[c["id"]], seeds=n_seeds) for c in CLAIMS]
+
+# %% ../nbs/api/16_claims.ipynb #a548b69a
+BOOTSTRAP = 1000 # resamples of the seeds behind a verdict's stability
+STABLE = 0.9 # share of resamples that must give the same verdict
+
+def resample_seeds(rows: list[dict], # summary rows
+                   draw, # seeds drawn (a seed may come more than once)
+                  ) -> list[dict]:
+    "The rows of the drawn seeds, renumbered 0, 1, ... in the order drawn (so a seed drawn twice counts twice)."
+    return [{**r, "seed": k} for k, s in enumerate(draw) for r in rows if r["seed"] == s]
+
+def bootstrap_stability(rows: list[dict], # summary rows of a claims study
+                        main_eps: float, # eps of the method comparison
+                        eps_unit: float = 1.0, # display unit of eps
+                        n: int = BOOTSTRAP, # resamples
+                        seed: int = 0, # seed of the resampling
+                       ) -> dict:
+    "For each claim, the share of seed resamples whose verdict is the verdict of all seeds."
+    seeds, rng = sorted({r["seed"] for r in rows}), np.random.default_rng(seed)
+    full = {c["id"]: c["verdict"] for c in evaluate_claims(rows, main_eps, eps_unit)}
+    same = Counter()
+    for _ in range(n):
+        for c in evaluate_claims(resample_seeds(rows, rng.choice(seeds, len(seeds))), main_eps, eps_unit):
+            same[c["id"]] += c["verdict"] == full[c["id"]]
+    return {cid: same[cid] / n for cid in full}
+
+# %% ../nbs/api/16_claims.ipynb #6d369cbe
+def judge_claims(rows: list[dict], # summary rows of a claims study
+                 main_eps: float, # eps of the method comparison
+                 eps_unit: float = 1.0, # display unit of eps
+                 twin_rows: list[dict] | None = None, # summary rows of its float-noise twin (or of the study it twins)
+                ) -> list[dict]:
+    "`evaluate_claims`, with each verdict's bootstrap stability, the twin's verdict, and the verdict readers see."
+    claims, stability = evaluate_claims(rows, main_eps, eps_unit), bootstrap_stability(rows, main_eps, eps_unit)
+    twin = {c["id"]: c["verdict"] for c in evaluate_claims(twin_rows, main_eps, eps_unit)} if twin_rows else {}
+    for c in claims:
+        c["stability"] = stability[c["id"]]
+        if twin: c["twin_verdict"] = twin[c["id"]]
+        c["shown"] = shown_verdict(c)
+    return claims
+
+def shown_verdict(claim: dict) -> str:
+    "The verdict, or 'unstable (x %)' when under `STABLE` of the resamples give it or the twin gives another."
+    twin = claim.get("twin_verdict", claim["verdict"])
+    if claim["stability"] >= STABLE and twin == claim["verdict"]: return claim["verdict"]
+    return f"unstable ({100 * claim['stability']:.0f} %" + (f"; twin: {twin})" if twin != claim["verdict"] else ")")

@@ -83,6 +83,7 @@ class TrainConfig:
     tensorboard: bool = False # also write TensorBoard events (scalars, C heat maps) into RUN/tensorboard
     # where and how the arithmetic runs
     seed: int = 0 # seed of initialisation, data order, augmentation and attacks
+    init_jitter: float = 0.0 # relative perturbation of the initial weights (1e-6: a float-noise twin of the run)
     device: str | None = None # "cpu", "cuda", "cuda:1", ... (None: best available)
     amp: str = "none" # mixed precision: "none", "bf16" or "fp16" (with a GradScaler)
     amp_eval: bool = False # also run evaluation attacks in mixed precision
@@ -173,10 +174,11 @@ def _check_names(cfg: TrainConfig) -> None:
 
 # %% ../nbs/api/08_config.ipynb #cb453558
 _AT_LEAST_ONE = ("epochs", "batch_size", "eval_batch_size", "eval_every", "eval_steps")
-_NOT_NEGATIVE = ("val_size", "cas_every", "save_every", "seed", "data_seed", "pad", "kd_start", "kd_end")
+_NOT_NEGATIVE = ("val_size", "cas_every", "save_every", "seed", "data_seed", "pad", "kd_start", "kd_end",
+                "init_jitter")
 _NONE_OR_POSITIVE = ("train_size", "test_size", "num_threads", "monitor_size")
 _FINITE = ("lr", "eps", "alpha", "eval_eps", "eval_alpha", "kd_temperature", "trades_beta", "momentum",
-           "weight_decay", "gamma", "kd_decay", "kd_weight", "label_smoothing", "label_noise")
+           "weight_decay", "gamma", "kd_decay", "kd_weight", "label_smoothing", "label_noise", "init_jitter")
 
 def _check_ranges(cfg: TrainConfig) -> None:
     for key in _AT_LEAST_ONE:

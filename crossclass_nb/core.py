@@ -20,8 +20,8 @@ import torch
 # %% auto #0
 __all__ = ['NORMS', 'CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError',
            'import_extra', 'get_device', 'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write',
-           'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'check_batch_size', 'check_images',
-           'images_checked', 'images_are_checked', 'random_perturbation']
+           'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'quiet_default', 'check_batch_size',
+           'check_images', 'images_checked', 'images_are_checked', 'random_perturbation']
 
 # %% ../nbs/api/00_core.ipynb #9851ef90
 class CrossclassError(Exception):
@@ -208,6 +208,12 @@ def parse_number(text: str | float, # "8/255", "0.1", "3" or already a number
     try: return float(Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError):
         raise InputError(f"cannot read {text!r} as a number: write e.g. 0.1 or 8/255") from None
+
+# %% ../nbs/api/00_core.ipynb #8e82fcd0
+def quiet_default(quiet: bool | None = None, # an explicit choice; None: what the environment says
+                 ) -> bool:
+    "Whether to stay quiet: `quiet` if given, else whether `CROSSCLASS_QUIET=1` is set."
+    return os.environ.get("CROSSCLASS_QUIET") == "1" if quiet is None else bool(quiet)
 
 # %% ../nbs/api/00_core.ipynb #c8b5a002
 def check_batch_size(batch_size, # the number of examples per batch

@@ -591,7 +591,7 @@ def show_examples(ds: Dataset, # the dataset to show
     import matplotlib.pyplot as plt
     if len(ds) == 0: raise InputError("the dataset is empty: nothing to show")
     n_per_class = _check_int(n_per_class, "n_per_class")
-    k, (c, h, w) = min(ds.num_classes, _check_int(max_classes, "max_classes")), ds.x.shape[1:]
+    k, (c, h, _) = min(ds.num_classes, _check_int(max_classes, "max_classes")), ds.x.shape[1:]
     gray, gap = c == 1, max(1, h // 14)
     grid, labels = _mosaic(ds, k, n_per_class, seed, gap)
     fig, ax = plt.subplots(figsize=(0.75 * n_per_class + 1.6, 0.75 * k + 0.5))

@@ -16,6 +16,7 @@ import torch
 from .analysis import cas_record, checkpoint_epochs, column, finite, key_run, mean_sd, method_rows, study_summary
 from .claims import OVERFIT_GAP
 from .config import TrainConfig
+from .core import RunDirError
 from .rundir import load_metrics
 from .studies import METHODS, SEARCH_BASE, load_study, run_finished
 

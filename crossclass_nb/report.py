@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import datetime
 import html
 import io
@@ -24,8 +25,8 @@ import torch
 from . import __version__
 from .analysis import (column, finite, key_run, make_light, mean_sd, method_rows, run_summary,
                                     study_summary)
-from .claims import evaluate_claims
-from .core import RunDirError, atomic_write, atomic_write_text, get_device
+from .claims import judge_claims
+from .core import InputError, RunDirError, atomic_write, atomic_write_text, get_device
 from .config import TrainConfig
 from .figures import (plot_eps_sweep, plot_methods, plot_per_class, plot_run_curves, plot_run_matrices,
                                    plot_search, plot_story, pyplot)
@@ -34,7 +35,7 @@ from .studies import (METHODS, PAPER_CIFAR10, STUDY_PRESETS, Study, get_study, d
 
 # %% auto #0
 __all__ = ['STORY', 'Table', 'figure_html', 'claims_html', 'settings_tables', 'html_page', 'write_study_report', 'methods_table',
-           'eps_table', 'paper_table', 'claims_table', 'search_table', 'analyse_study', 'report_figures',
+           'eps_table', 'paper_table', 'claims_table', 'search_table', 'twin_rows', 'analyse_study', 'report_figures',
            'write_report', 'write_story', 'findings_paragraph', 'story_caption', 'reproduce']
 
 # %% ../nbs/api/18_report.ipynb #24a7206d
@@ -95,11 +96,20 @@ def figure_html(caption: str, # what the figure shows
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 # %% ../nbs/api/18_report.ipynb #77e2cd9b
+def _stability_note(claim: dict) -> str:
+    "How stable the verdict is, and the verdict before the control was required, in words ('' if not judged)."
+    notes = [f"stability {100 * claim['stability']:.0f} %"] if "stability" in claim else []
+    if "twin_verdict" in claim: notes.append(f"twin: {claim['twin_verdict']}")
+    if claim.get("shown", claim["verdict"]) != claim["verdict"]: notes.append(f"verdict: {claim['verdict']}")
+    if "verdict_without_control" in claim: notes.append(f"without the control: {claim['verdict_without_control']}")
+    return f" ({'; '.join(notes)})" if notes else ""
+
 def _claim_row(claim: dict) -> str:
     esc = html.escape
-    verdict_class = "v-" + claim["verdict"].replace(" ", "-")
+    shown = claim.get("shown", claim["verdict"])
+    verdict_class = "v-" + (claim["verdict"] if shown == claim["verdict"] else "unstable").replace(" ", "-")
     return (f"<tr><td>{esc(claim['id'])}</td><td>{esc(claim['claim'])}</td>"
-            f"<td class='{verdict_class}'><b>{esc(claim['verdict'])}</b></td>"
+            f"<td class='{verdict_class}'><b>{esc(shown)}</b>{esc(_stability_note(claim))}</td>"
             f"<td>{esc(claim['measured'])}</td><td>{esc(claim['criterion'])}</td></tr>")
 
 # %% ../nbs/api/18_report.ipynb #6be8a27f
@@ -153,7 +163,7 @@ font-size:.85em}
 td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top;text-align:left}th{background:#f3f3f3}
 caption{text-align:left;font-weight:600;padding:.3em 0}
 .v-reproduced{background:#d9f2d9}.v-partly{background:#fff3c4}.v-not-reproduced{background:#f8d4d4}
-.v-not-testable-here{background:#e6e6e6}
+.v-not-testable-here{background:#e6e6e6}.v-unstable{background:#f3e0f7}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}"""
 
 # %% ../nbs/api/18_report.ipynb #d563d2b0
@@ -272,9 +282,10 @@ def claims_table(claims: list[dict], # `evaluate_claims` output
                  with_criteria: bool = False, # add the criterion column
                 ) -> Table:
     "The claims with their verdicts (and criteria)."
-    cols = ["id", "claim", "verdict", "measured"] + (["criterion"] if with_criteria else [])
+    cols = ["id", "claim", "shown", "verdict", "stability", "twin_verdict", "verdict_without_control", "measured"]
+    cols = [k for k in cols if any(k in c for c in claims)] + (["criterion"] if with_criteria else [])
     seeds = claims[0]["seeds"] if claims else 0
-    return Table([{k: c[k] for k in cols} for c in claims], cols, title=f"Claims ({seeds} seeds)")
+    return Table([{k: c.get(k) for k in cols} for c in claims], cols, title=f"Claims ({seeds} seeds)")
 
 # %% ../nbs/api/18_report.ipynb #5b070ccd
 def _capacity(c: TrainConfig) -> str:
@@ -300,7 +311,19 @@ def search_table(out_dir: str | Path) -> Table:
     return Table(out, title=f"{study.name}: one run per setting (test split; best selected on validation)")
 
 # %% ../nbs/api/18_report.ipynb #5436a023
+def twin_rows(study: Study, # a claims study
+              twin_dir: str | Path, # its float-noise twin (or, for a twin, the study it twins)
+             ) -> list[dict]:
+    "The summary rows of `twin_dir`, once it is checked to hold the same runs as `study` up to `init_jitter`."
+    other = load_study(twin_dir)
+    same = lambda s: {r.name: dataclasses.replace(r.config, init_jitter=0.0, kd_teacher=None) for r in s.runs}
+    if same(other) != same(study):
+        raise InputError(f"{twin_dir} is not a float-noise twin of {study.name}: its runs differ in more than their "
+                         "initial weights; give the directory of `crossclass reproduce --float-noise` for this study")
+    return study_summary(twin_dir)
+
 def analyse_study(out_dir: str | Path, # a study directory
+                  twin: str | Path | None = None, # its float-noise twin (see `twin_rows`), for the verdicts' stability
                  ) -> tuple[list[dict], list[dict]]:
     "Summarise every finished run and judge the claims; writes summary.csv/json and claims.csv/json; returns both."
     out = Path(out_dir)
@@ -310,7 +333,7 @@ def analyse_study(out_dir: str | Path, # a study directory
     Table(rows).to_csv(out / "summary.csv")
     atomic_write_text(out / "summary.json", json.dumps(rows, indent=1) + "\n")
     if study.kind == "search": return rows, []
-    claims = evaluate_claims(rows, study.main_eps, study.eps_unit)
+    claims = judge_claims(rows, study.main_eps, study.eps_unit, twin_rows(study, twin) if twin else None)
     claims_table(claims, with_criteria=True).to_csv(out / "claims.csv")
     atomic_write_text(out / "claims.json", json.dumps(claims, indent=1) + "\n")
     return rows, claims
@@ -353,11 +376,12 @@ def _claims_body(study: Study, rows: list[dict], claims: list[dict]) -> list[str
 # %% ../nbs/api/18_report.ipynb #5a7f3ce2
 def write_report(out_dir: str | Path, # a study directory
                  info: dict | None = None, # facts for the settings section (command, timings); default timings.json
+                 twin: str | Path | None = None, # its float-noise twin, for the verdicts' stability
                 ) -> Path:
     "Analyse the study and write OUT/report.html: one self-contained file (figures inlined as PNG, no network)."
     out = Path(out_dir)
     study = load_study(out)
-    rows, claims = analyse_study(out)
+    rows, claims = analyse_study(out, twin)
     if study.kind == "search": body = ["<h2>Settings tried</h2>", search_table(out)._repr_html_()]
     else: body = _claims_body(study, rows, claims)
     return write_study_report(out, study, len(rows), body, report_figures(out), info, METHODS)
@@ -383,11 +407,13 @@ def _claims(out: Path) -> list:
                           "give a finished study of the paper's claims")
     return json.loads(path.read_text(encoding="utf-8"))
 
+def _shown(claim: dict) -> str: return claim.get("shown", claim["verdict"])
+
 def _verdicts(claims: list) -> str:
     "Each claim with its verdict, then how many of each verdict."
     label = lambda c: f"claim {c['id']}" if str(c["id"]).isdigit() else f"check {c['id']}"
-    each = "; ".join(f"{label(c)}, *{c['claim'].rstrip('.')}*: **{c['verdict']}**" for c in claims)
-    counts = Counter(c["verdict"] for c in claims)
+    each = "; ".join(f"{label(c)}, *{c['claim'].rstrip('.')}*: **{_shown(c)}**{_stability_note(c)}" for c in claims)
+    counts = Counter(_shown(c).split(" (")[0] for c in claims)
     return f"{each} ({', '.join(f'{n} {v}' for v, n in counts.most_common())})"
 
 # %% ../nbs/api/18_report.ipynb #8b0e2173
@@ -395,11 +421,11 @@ def _noise_sentence(rate: float) -> str:
     "What the label noise of the main study is for, when it has any."
     if not rate: return ""
     return (f"{100 * rate:.0f} % of each seed's training labels are replaced by another class (validation and test "
-            "labels are clean): an amplifier of memorisation, not the paper's setting. With clean labels hard-label AT "
-            "overfits at this scale only when a wide model trained for 200 epochs fits its training set almost "
-            "completely, which is too slow for every method here; there, with hard-label AT alone, claims 1 and 3 are "
-            "reproduced too (the regime search and robust overfitting chapters show the search and the clean-label "
-            "studies). ")
+            "labels are clean): an amplifier of memorisation, not the paper's setting. Hard-label AT also runs on the "
+            "clean labels of the same subsets from the same initial weights: a matched control. "
+            "Of the clean-label settings searched, the one that overfits most is a wide MLP trained for 200 epochs, "
+            "about 20 minutes a run on 2 cores (the regime search and robust overfitting chapters show the search and "
+            "the clean-label studies). ")
 
 def _eps_text(eps: float, unit: float) -> str:
     "A radius in the study's own unit: 8/255 for a study counted in 1/255, 0.1 otherwise."
@@ -408,6 +434,7 @@ def _eps_text(eps: float, unit: float) -> str:
 # %% ../nbs/api/18_report.ipynb #e9820bd7
 def findings_paragraph(study_dir: str | Path, # a finished claims study (e.g. results/fmnist-noise)
                        shown_as: str | None = None, # how the text names the directory (default: results/NAME)
+                       book: str = "", # the path from the page that shows the text to nbs/ ("../" from a chapter)
                       ) -> str:
     "The \"What the package found\" paragraph (markdown, one line): the study, its verdicts, its key run's numbers."
     out = Path(study_dir)
@@ -416,12 +443,12 @@ def findings_paragraph(study_dir: str | Path, # a finished claims study (e.g. re
     where, eps = shown_as or f"results/{out.name}", _eps_text(spec.eps, study.eps_unit)
     return (f"The study stored in `{where}/` trained {len(study.runs)} runs: {study.description.split('. ')[0]}. "
             f"{_noise_sentence(spec.config.label_noise)}"
-            f"It tests the claims of the paper ([the paper page](paper.ipynb) states them), and code judges each from "
+            f"It tests the claims of the paper ([the paper page]({book}paper.ipynb) states them), and code judges each from "
             f"the runs by a criterion fixed in advance: {_verdicts(claims)}. The figure follows the hard-label PGD-AT "
             f"run at eps {eps}, seed {spec.seed}: test robust accuracy {s['rob_best']:.1f} % and CAS {s['cas_best']:.1f} "
             f"at the best checkpoint (epoch {s['best_epoch']}, chosen on validation), {s['rob_last']:.1f} % and CAS "
             f"{s['cas_last']:.1f} at the last (epoch {s['last_epoch']}). The chapters [robust overfitting]"
-            f"(studies/robust_overfitting.ipynb) and [soft labels](studies/soft_labels.ipynb) show every figure and "
+            f"({book}studies/robust_overfitting.ipynb) and [soft labels]({book}studies/soft_labels.ipynb) show every figure and "
             f"table, and `{where}/report.html` holds them all in one file.")
 
 def story_caption(study_dir: str | Path) -> str:
@@ -454,7 +481,7 @@ def _train_info(preset: str, started: str, seconds: float, times: dict, jobs: in
     return info
 
 # %% ../nbs/api/18_report.ipynb #16d3cbd5
-def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
+def reproduce(preset: str = "fmnist-main", # a key of `STUDY_PRESETS`
               out_dir: str | Path | None = None, # study directory (default: artifacts/reproduce/PRESET_TIMESTAMP)
               seeds=None, # seeds (default: the preset's)
               methods=None, # method keys (default: the preset's)
@@ -467,9 +494,11 @@ def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
               quiet: bool | None = None, # no progress bars
               launcher: str | None = None, # "inline", "processes", "local" or "slurm" (see `run_study`)
               slurm: dict | None = None, # "slurm": partition, time (minutes), gpus_per_run
+              float_noise: float = 0.0, # > 0: train the study's float-noise twin instead (`float_noise_twin`)
+              twin: str | Path | None = None, # a finished twin of this study (or the study of this twin): compare verdicts
              ) -> Path:
     "Train every run of a study, judge the claims, write the report and story.png; returns the report's path."
-    study = get_study(preset, seeds, methods)
+    study = get_study(preset, seeds, methods, float_noise)
     out = Path(out_dir) if out_dir else default_out_dir(preset)
     dev = get_device(device)
     if jobs is None: jobs = 1 if dev.type != "cpu" else min(STUDY_PRESETS[preset]["jobs"], os.cpu_count() or 1)
@@ -480,7 +509,7 @@ def reproduce(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
     if (out / "failures.json").is_file(): info["failed runs"] = json.loads((out / "failures.json").read_text())
     if light: make_light(out)
     t1 = time.perf_counter()
-    report = write_report(out, info)
+    report = write_report(out, info, twin)
     if study.kind == "claims" and (out / "claims.json").is_file():
         try: write_story(out)
         except RunDirError: pass   # no finished hard-label AT run at the main eps: no key figure

@@ -9,13 +9,12 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import CrossclassError, InputError, RunDirError, atomic_write_text
+from .core import CrossclassError, InputError, RunDirError, atomic_write_text, quiet_default
 from .config import TrainConfig, get_config
 from .learner import Callback
 from .rundir import load_metrics, run_dir_state
@@ -23,11 +22,12 @@ from .training import train
 from .launchers import Job, check_launch, launch, report_progress
 
 # %% auto #0
-__all__ = ['METHODS', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER_CIFAR100', 'FMNIST_BASE', 'FMNIST_SCALES',
-           'SEARCH_BASE', 'LONG_SCHEDULE', 'REGIME_SEARCH', 'PAPER_METHODS', 'PAPER_SHRUNK', 'STUDY_PRESETS',
-           'STUDY_FILES', 'RunSpec', 'Study', 'method_overrides', 'eps_overrides', 'make_study', 'fmnist_config',
-           'fmnist_study', 'paper_study', 'search_study', 'get_study', 'default_out_dir', 'run_finished', 'load_study',
-           'run_configs', 'ReportCB', 'train_spec', 'train_job', 'StudyProgress', 'study_jobs', 'run_study']
+__all__ = ['METHODS', 'COMPARED', 'SOFT_METHODS', 'LABEL_SMOOTHING', 'PAPER_CIFAR10', 'PAPER_CIFAR100', 'FMNIST_BASE',
+           'FMNIST_SCALES', 'SEARCH_BASE', 'LONG_SCHEDULE', 'REGIME_SEARCH', 'PAPER_METHODS', 'PAPER_SHRUNK',
+           'MAIN_METHODS', 'STUDY_PRESETS', 'STUDY_FILES', 'RunSpec', 'Study', 'method_overrides', 'eps_overrides',
+           'make_study', 'fmnist_config', 'fmnist_study', 'paper_study', 'search_study', 'get_study',
+           'float_noise_twin', 'default_out_dir', 'run_finished', 'load_study', 'run_configs', 'ReportCB', 'train_spec',
+           'train_job', 'StudyProgress', 'study_jobs', 'run_study']
 
 # %% ../nbs/api/14_studies.ipynb #2616921d
 @dataclass
@@ -35,7 +35,7 @@ class RunSpec:
     "One training run of a study."
     name: str # directory name under OUT/runs
     method: str # a key of `METHODS`
-    seed: int # training seed (the data subsets are shared by all seeds)
+    seed: int # training seed (and, unless the study shares its data, the seed of its subsets)
     config: TrainConfig # the full config
     teacher: str | None = None # name of the run whose best.pt is the teacher (method "kd_at")
     setting: str = "" # a label for runs that differ in more than method and eps (the overfitting search)
@@ -82,7 +82,9 @@ METHODS = {
     "kd_ema": "AT + KD (EMA self-teacher)",
     "kd_at": "AT + KD (early-stopped AT teacher)",
     "std": "standard training",
+    "at_clean": "AT on clean training labels (the matched control of a label-noise study)",
 }
+COMPARED = ("at", "ls", "kd_ema", "kd_at", "std") # the methods the paper compares
 SOFT_METHODS = ("ls", "kd_ema", "kd_at")
 LABEL_SMOOTHING = 0.2
 
@@ -93,6 +95,7 @@ def method_overrides(method: str, # a key of `METHODS`
     "The settings that turn the hard-label AT config `base` into `method`."
     if method not in METHODS: raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if method == "at": return {}
+    if method == "at_clean": return {"label_noise": 0.0}
     if method == "ls": return {"label_smoothing": LABEL_SMOOTHING}
     if method == "std": return {"loss": "standard", "select_metric": "clean"}
     if method == "kd_at": return {"kd": "teacher", "kd_start": 0, "kd_end": 0}
@@ -118,7 +121,7 @@ def _run_name(method: str, eps: float, seed: int, unit: float = 1.0) -> str:
 def make_study(name: str, # the study's name
                base: TrainConfig, # hard-label PGD-AT config at the main eps
                seeds=(0, 1), # training seeds
-               methods=tuple(METHODS), # keys of `METHODS` compared at the main eps
+               methods=COMPARED, # keys of `METHODS` compared at the main eps
                sweep_eps=(), # extra eps values for hard-label AT (the main eps is always part of the sweep)
                description: str = "", # for the report
                reference: dict | None = None, # the paper's numbers
@@ -131,6 +134,9 @@ def make_study(name: str, # the study's name
     for m in methods: method_overrides(m, base)   # raises on unknown names
     if "kd_at" in methods and "at" not in methods:
         raise InputError("method kd_at needs method at (its teacher): add 'at'")
+    if "at_clean" in methods and not base.label_noise:
+        raise InputError("method at_clean is the clean-label control of a label-noise study, and this study's labels "
+                         "are clean already: leave it out, or set label_noise")
     runs = []
     for seed in seeds:
         seeded = {"seed": seed, "data_seed": base.data_seed if shared_data else seed}
@@ -168,6 +174,10 @@ FMNIST_SCALES = {
                 label_noise=0.0, epochs=100, milestones=[50, 75], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5,
                 eval_steps=10, eval_alpha=0.025, eval_every=2, cas_every=2, kd_decay=0.96, kd_temperature=2.0,
                 figures=False, save_every=0),
+    "main": dict(model="mlp", model_kwargs={"hidden": [512, 512]}, train_size=300, val_size=500, test_size=2000,
+                 label_noise=0.3, epochs=80, milestones=[40, 60], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5,
+                 eval_steps=10, eval_alpha=0.025, eval_every=8, cas_every=8, kd_decay=0.96, kd_temperature=2.0,
+                 figures=False, save_every=0),
     "clean": dict(model="mlp", model_kwargs={"hidden": [512, 512]}, train_size=300, val_size=500, test_size=2000,
                   label_noise=0.0, epochs=80, milestones=[40, 60], batch_size=32, lr=0.05, eps=0.1, alpha=0.05, steps=5,
                   eval_steps=10, eval_alpha=0.025, eval_every=4, cas_every=4, kd_decay=0.96, kd_temperature=2.0,
@@ -181,7 +191,7 @@ FMNIST_SCALES = {
                       steps=5, eval_steps=10, eval_alpha=0.025, eval_every=10, cas_every=10, kd_decay=0.96,
                       kd_temperature=2.0, figures=False, save_every=0),
     "quick": dict(model="mlp", model_kwargs={"hidden": [128]}, train_size=300, val_size=200, test_size=300,
-                  label_noise=0.0, epochs=12, milestones=[6, 9], batch_size=50, lr=0.05, eps=0.1, alpha=0.04, steps=3,
+                  label_noise=0.2, epochs=12, milestones=[6, 9], batch_size=50, lr=0.05, eps=0.1, alpha=0.04, steps=3,
                   eval_steps=5, eval_alpha=0.025, eval_every=1, cas_every=1, kd_decay=0.9, kd_temperature=2.0,
                   figures=False, save_every=0),
 }
@@ -214,9 +224,9 @@ def _methods_text(methods, sweep_eps) -> tuple[str, str]:
     return names, sweep
 
 # %% ../nbs/api/14_studies.ipynb #7ac74156
-def fmnist_study(scale: str = "cpu", # "cpu" (the default study) or "quick" (tests)
+def fmnist_study(scale: str = "cpu", # a key of `FMNIST_SCALES` ("main": the default study, "quick": the tests)
                  seeds=(0, 1), # training seeds
-                 methods=tuple(METHODS), # methods compared at eps 0.1
+                 methods=COMPARED, # methods compared at eps 0.1
                  sweep_eps=(0.05, 0.2), # other eps values of hard-label AT
                  name: str | None = None, # default fmnist-SCALE
                  **overrides) -> Study:
@@ -289,11 +299,15 @@ PAPER_METHODS = ("at", "kd_ema", "ls", "std") # the methods of the CIFAR studies
 PAPER_SHRUNK = dict(train_size=2000, val_size=500, test_size=1000, epochs=6, milestones=[3, 5], monitor_size=None,
                     eval_every=1, cas_every=1, save_every=0) # the GPU recipe in minutes: it runs; not a result
 
+MAIN_METHODS = ("at", "at_clean", "ls", "kd_ema", "std") # the default study: AT, its control, two soft labels, standard
+
 STUDY_PRESETS = {
-    "fmnist-noise": dict(scale="noise", methods=tuple(METHODS), sweep_eps=(0.05, 0.2), seeds=(0, 1, 2), jobs=2),
-    "fmnist-clean": dict(scale="clean", methods=tuple(METHODS), sweep_eps=(0.05, 0.2), seeds=(0, 1, 2), jobs=2),
+    "fmnist-main": dict(scale="main", methods=MAIN_METHODS, sweep_eps=(), seeds=tuple(range(8)), jobs=2),
+    "fmnist-noise": dict(scale="noise", methods=COMPARED, sweep_eps=(0.05, 0.2), seeds=(0, 1, 2), jobs=2),
+    "fmnist-clean": dict(scale="clean", methods=COMPARED, sweep_eps=(0.05, 0.2), seeds=(0, 1, 2), jobs=2),
     "fmnist-clean-fit": dict(scale="clean-fit", methods=("at",), sweep_eps=(), seeds=(0, 1, 2), jobs=2),
-    "fmnist-quick": dict(scale="quick", methods=tuple(METHODS), sweep_eps=(0.05, 0.2), seeds=(0, 1), jobs=2),
+    "fmnist-clean-fit-all": dict(scale="clean-fit", methods=COMPARED, sweep_eps=(), seeds=tuple(range(1, 9)), jobs=2),
+    "fmnist-quick": dict(scale="quick", methods=COMPARED + ("at_clean",), sweep_eps=(0.05, 0.2), seeds=(0, 1), jobs=2),
     "fmnist-regime-search": dict(search=REGIME_SEARCH, seeds=(0,), jobs=2),
     "cifar10-paper": dict(dataset="cifar10", methods=PAPER_METHODS, seeds=(0,), jobs=1),
     "cifar10-shrunk": dict(dataset="cifar10", changes=PAPER_SHRUNK, methods=PAPER_METHODS, seeds=(0,), jobs=1),
@@ -301,11 +315,16 @@ STUDY_PRESETS = {
 }
 
 # %% ../nbs/api/14_studies.ipynb #ce837c94
-def get_study(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
+def get_study(preset: str = "fmnist-main", # a key of `STUDY_PRESETS`
               seeds=None, # seeds (default: the preset's)
               methods=None, # method keys (default: the preset's; a search has none)
+              float_noise: float = 0.0, # > 0: the study's float-noise twin (see `float_noise_twin`)
              ) -> Study:
-    "The study of `preset`."
+    "The study of `preset`, or its float-noise twin."
+    study = _preset_study(preset, seeds, methods)
+    return float_noise_twin(study, float_noise) if float_noise else study
+
+def _preset_study(preset: str, seeds, methods) -> Study:
     if preset not in STUDY_PRESETS:
         raise InputError(f"unknown study preset {preset!r}: use one of {', '.join(STUDY_PRESETS)}")
     p = STUDY_PRESETS[preset]
@@ -313,7 +332,16 @@ def get_study(preset: str = "fmnist-noise", # a key of `STUDY_PRESETS`
     methods = tuple(methods) if methods else p.get("methods")
     if "search" in p: return search_study(p["search"], seeds)
     if "dataset" in p: return paper_study(p["dataset"], seeds, methods, **p.get("changes", {}))
-    return fmnist_study(p["scale"], seeds, methods, p["sweep_eps"])
+    return fmnist_study(p["scale"], seeds, methods, p["sweep_eps"], name=preset)
+
+def float_noise_twin(study: Study, # a study
+                     rel: float = 1e-6, # relative perturbation of every run's initial weights (`init_jitter`)
+                    ) -> Study:
+    "The same study with every run's initial weights perturbed by `rel`: how much its verdicts owe to float noise."
+    if not 0 < rel < 1e-2: raise InputError(f"float noise {rel:g}: give a small relative size, e.g. 1e-6")
+    runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, init_jitter=rel)) for r in study.runs]
+    desc = f"{study.description} Float-noise twin: every run's initial weights perturbed by a relative {rel:g}."
+    return dataclasses.replace(study, name=f"{study.name}-twin", description=desc, runs=runs)
 
 # %% ../nbs/api/14_studies.ipynb #23f24a35
 def default_out_dir(preset: str) -> Path:
@@ -515,7 +543,7 @@ def run_study(study: Study, # the runs
              ) -> dict:
     "Train every unfinished run of `study` into `out_dir`; returns {run name: seconds} of the runs trained now."
     out = Path(out_dir)
-    if quiet is None: quiet = os.environ.get("CROSSCLASS_QUIET") == "1"
+    quiet = quiet_default(quiet)
     launcher = launcher or ("inline" if jobs == 1 else "processes")
     check_launch(launcher, jobs, out / "logs")          # a bad launcher or a missing extra: nothing written
     _prepare_out(out, study, resume, overwrite)

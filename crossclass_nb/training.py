@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .core import CheckpointError, InputError, get_device, images_checked, set_rng_state, set_seed
+from .core import CheckpointError, InputError, get_device, images_checked, quiet_default, set_rng_state, set_seed
 from .data import TensorLoader, load_dataset, stratified_subset, train_val_split
 from .losses import LRSchedule, make_loss
 from .learner import CASCB, DistillCB, EvalCB, FiguresCB, ProgressCB, ScheduleCB, TensorBoardCB
@@ -28,7 +28,7 @@ from .checkpoint import _model_from_checkpoint
 
 # %% auto #0
 __all__ = ['COMPILE_RECOMPILE_LIMIT', 'RANK_SEED_STRIDE', 'EPOCH_SEED_STRIDE', 'flip_labels', 'load_splits', 'check_bf16',
-           'make_trainer', 'train']
+           'jitter_weights', 'make_trainer', 'train']
 
 # %% ../nbs/api/12_training.ipynb #e1a7752f
 def flip_labels(ds, # a `Dataset` (usually the training split)
@@ -98,7 +98,7 @@ def _make_models(cfg: TrainConfig, num_classes: int, input_shape: tuple, device,
                  channels_last: bool):
     "(raw model, model to train, model to attack): the plain module, its DDP and compiled forms."
     set_seed(cfg.seed, deterministic=cfg.deterministic)
-    raw = build_model(cfg, num_classes, input_shape).to(device)
+    raw = jitter_weights(build_model(cfg, num_classes, input_shape), cfg.init_jitter, cfg.seed).to(device)
     if world_size > 1 and cfg.sync_bn: raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     if world_size > 1: torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * rank)      # distinct attack noise per process
     if channels_last: raw = raw.to(memory_format=torch.channels_last)
@@ -108,6 +108,18 @@ def _make_models(cfg: TrainConfig, num_classes: int, input_shape: tuple, device,
     if not cfg.compile: return raw, model, raw
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     return raw, torch.compile(model), torch.compile(raw)
+
+# %% ../nbs/api/12_training.ipynb #ea9150f4
+def jitter_weights(model: nn.Module, # a freshly initialised model
+                   rel: float, # relative size of the perturbation (0: none)
+                   seed: int, # seed of the perturbation's own generator (the global random state is left alone)
+                  ) -> nn.Module:
+    "Multiply every parameter of `model` by 1 + `rel` * z, z standard normal, in place."
+    if not rel: return model
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters(): p.mul_(1 + rel * torch.randn(p.shape, generator=g, dtype=p.dtype, device="cpu").to(p.device))
+    return model
 
 # %% ../nbs/api/12_training.ipynb #8d0cd1bc
 def _eval_splits(cfg: TrainConfig, splits: dict, device, channels_last: bool, size: int | None = None) -> dict:
@@ -227,7 +239,7 @@ def train(config: TrainConfig | str | None = None, # a config, a preset name, or
     out = Path(out_dir)
     state = run_dir_state(out)
     _check_run_dir(out, state, resume, overwrite)
-    if quiet is None: quiet = os.environ.get("CROSSCLASS_QUIET") == "1"
+    quiet = quiet_default(quiet)
     saved, checkpoint = _saved_run(out, resume)
     cfg = _run_config(config, saved, out)
     if saved is not None: _check_resumable(cfg, saved, checkpoint, out)

@@ -8,11 +8,14 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from crossclass_nb.config import get_config
 from crossclass_nb.rundir import load_metrics
 from crossclass_nb.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
 
 SCRIPT = r"""
 import json, os, sys, torch, torch.distributed as dist

@@ -12,6 +12,8 @@ from crossclass_nb.models import MODEL_NAMES, get_model
 from crossclass_nb.config import TrainConfig
 from crossclass_nb.training import _setup_device, check_bf16
 
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
+
 TORCHRUN = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}
 
 

@@ -27,6 +27,8 @@ from crossclass_nb.training import train
 
 from catalogue import copy_run, tiny_run  # noqa: F401 (tiny_run: a fixture)
 
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
+
 # small but complete: EMA distillation, label smoothing, augmentation, CAS every epoch, epoch checkpoints
 CFG = get_config("fmnist-tiny", train_size=100, val_size=50, test_size=50, batch_size=25, epochs=4, eval_steps=2,
                  save_every=2, figures=False, augment=True, label_smoothing=0.1, kd="ema", kd_decay=0.9,

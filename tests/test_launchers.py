@@ -15,6 +15,8 @@ from crossclass_nb import launchers
 from crossclass_nb.core import InputError, MissingExtraError
 from crossclass_nb.launchers import Job, JobError, TimedCall, launch, slurm_executor
 
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
+
 TESTS = str(Path(__file__).resolve().parent)
 
 

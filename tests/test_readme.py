@@ -218,8 +218,9 @@ def test_recipe_read_the_book(docs_site):
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert "Quick start" in page and "What the package found" in page
-    found = page[page.index("What the package found"):page.index("Quick start", page.index("What the package found"))]
+    start, end = '<section id="what-the-package-found"', '<section id="quick-start"'
+    assert start in page and end in page, "the page has no section 'What the package found' before 'Quick start'"
+    found = page[page.index(start):page.index(end)]  # the sections themselves, not the table of contents
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", found)).replace("\u2019", "'").split())
     paragraph = plain(section(readme(), "## What the package found").split("![")[0].strip().split("\n\n")[-1])
     assert " ".join(paragraph.split()[:12]) in text, "the page's findings are not the README's"

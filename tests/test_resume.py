@@ -8,12 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from crossclass_nb.config import get_config
 from crossclass_nb.rundir import load_metrics
 from crossclass_nb.checkpoint import load_checkpoint
 from crossclass_nb.training import train
+
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
 
 # tiny and quick, but long enough (several epochs, a checkpoint per epoch) for kills to land in different places
 CFG = get_config("fmnist-tiny", epochs=8, save_every=2, figures=False, train_size=400, test_size=100, val_size=100)
@@ -22,6 +25,7 @@ SCRIPT = """
 import sys
 from crossclass_nb.config import TrainConfig
 from crossclass_nb.training import train
+
 train(TrainConfig.from_json(sys.argv[1]), sys.argv[2], resume=True, quiet=True)
 """
 

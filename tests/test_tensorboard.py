@@ -9,6 +9,8 @@ from crossclass_nb.config import get_config
 from crossclass_nb.rundir import load_metrics
 from crossclass_nb.training import train
 
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
+
 
 def test_event_file_holds_the_scalars_and_heat_maps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -15,6 +15,8 @@ from crossclass_nb.core import set_seed
 from crossclass_nb.data import DATASET_STATS, load_dataset, stratified_subset
 from crossclass_nb.models import get_model
 
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
+
 torchattacks = pytest.importorskip("torchattacks", reason='the torchattacks extra: pip install -e ".[eval]"')
 
 N_TEST, BATCH = 1000, 500

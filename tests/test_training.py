@@ -17,6 +17,8 @@ from crossclass_nb.rundir import RunLock, load_metrics
 from crossclass_nb.checkpoint import CheckpointCB, load_checkpoint, load_model
 from crossclass_nb.training import train
 
+pytestmark = pytest.mark.slow  # whole runs, subprocesses or DDP groups: `pytest -m "not slow"` leaves them out
+
 TINY = dict(epochs=1, figures=False, cas_every=0)
 
 
