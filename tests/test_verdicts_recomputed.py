@@ -77,3 +77,20 @@ def test_every_verdict_carries_its_stability(study):
         assert 0 <= c["stability"] <= 1, c
         stable = c["stability"] >= 0.9 and c.get("twin_verdict", c["verdict"]) == c["verdict"]
         assert c["shown"] == c["verdict"] if stable else c["shown"].startswith("unstable ("), c
+
+
+def test_the_twin_differs_from_the_main_study_by_float_noise():
+    "The float-noise twin starts from perturbed weights: every run's first epoch differs, but only in the digits far out."
+    main, twin = RESULTS / "fmnist-main", RESULTS / "fmnist-main-twin"
+    for run in sorted(p.name for p in (main / "runs").iterdir()):
+        first = [json.loads((d / "runs" / run / "metrics.jsonl").read_text().splitlines()[0]) for d in (main, twin)]
+        a, b = (r["train_loss"] for r in first)
+        assert a != b and abs(a - b) < 1e-3 * abs(a), (run, a, b)
+
+
+def test_a_study_that_is_not_a_twin_is_refused():
+    from crossclass_nb.core import InputError
+    from crossclass_nb.report import twin_rows
+    from crossclass_nb.studies import load_study
+    with pytest.raises(InputError, match="is not a float-noise twin of fmnist-main"):
+        twin_rows(load_study(RESULTS / "fmnist-main"), RESULTS / "fmnist-noise")
