@@ -15,7 +15,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from .core import InputError, RunDirError, atomic_write_text, check_batch_size, check_images
+from .core import (InputError, RunDirError, atomic_write_text, check_batch_size, check_images,
+                                images_are_checked)
 from .models import SplitClassifier, as_classifier
 
 # %% auto #0
@@ -77,6 +78,7 @@ def _check_batch(xb, yb, num_classes: int, device) -> tuple[torch.Tensor, torch.
         raise InputError(f"labels must be a 1-D tensor with one label per example, got {got} for {len(xb)} images")
     if yb.is_floating_point() or yb.dtype == torch.bool:
         raise InputError(f"labels must be integers, got {yb.dtype}: use y.long()")
+    if images_are_checked(): return xb.to(device), yb.to(device).long()   # validated at load: no read-back per batch
     lo, hi = int(yb.min()), int(yb.max())
     if lo < 0 or hi >= num_classes:
         raise InputError(f"label {lo if lo < 0 else hi} is out of range for {num_classes} classes: "

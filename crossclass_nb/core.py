@@ -19,9 +19,9 @@ import torch
 
 # %% auto #0
 __all__ = ['NORMS', 'CrossclassError', 'InputError', 'DataError', 'CheckpointError', 'RunDirError', 'MissingExtraError',
-           'import_extra', 'get_device', 'set_seed', 'get_rng_state', 'set_rng_state', 'atomic_write',
-           'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'quiet_default', 'check_batch_size',
-           'check_images', 'images_checked', 'images_are_checked', 'random_perturbation']
+           'import_extra', 'get_device', 'set_seed', 'torch_modes_kept', 'get_rng_state', 'set_rng_state',
+           'atomic_write', 'atomic_torch_save', 'atomic_write_text', 'safe_load', 'parse_number', 'quiet_default',
+           'check_batch_size', 'check_images', 'images_checked', 'images_are_checked', 'random_perturbation']
 
 # %% ../nbs/api/00_core.ipynb #9851ef90
 class CrossclassError(Exception):
@@ -107,6 +107,17 @@ def set_seed(seed: int, # the seed for python, numpy and torch (all devices)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+# %% ../nbs/api/00_core.ipynb #b6aa5dd3
+@contextlib.contextmanager
+def torch_modes_kept():
+    "Within this block torch's deterministic mode and cudnn benchmarking may change; on leaving they are as before."
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
+    try: yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
 
 # %% ../nbs/api/00_core.ipynb #1c15ab22
 def _index(device) -> int:

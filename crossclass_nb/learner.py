@@ -317,8 +317,6 @@ class ProgressCB(Callback):
     def before_epoch(self, t):
         from fastprogress.fastprogress import progress_bar
         t.batches = progress_bar(t.dl, parent=self.mb, leave=False)
-    def after_batch(self, t):
-        if t.iter % 10 == 0: self.mb.child.comment = f"loss {t.loss.item():.3f}"
     def after_epoch(self, t): self.mb.write([_fmt(t.row.get(c)) for c in self.cols], table=True)
 
 # %% ../nbs/api/07_learner.ipynb #25299173

@@ -36,7 +36,7 @@ from .studies import (METHODS, PAPER_CIFAR10, STUDY_PRESETS, Study, get_study, d
 # %% auto #0
 __all__ = ['STORY', 'Table', 'figure_html', 'claims_html', 'settings_tables', 'html_page', 'write_study_report', 'methods_table',
            'eps_table', 'paper_table', 'claims_table', 'search_table', 'twin_rows', 'analyse_study', 'report_figures',
-           'write_report', 'write_story', 'findings_paragraph', 'story_caption', 'reproduce']
+           'write_report', 'write_story', 'verdicts_table', 'findings_paragraph', 'story_caption', 'reproduce']
 
 # %% ../nbs/api/18_report.ipynb #24a7206d
 def _text_lines(title: str | None, columns: list[str], cells: list[list[str]]) -> list[str]:
@@ -409,12 +409,25 @@ def _claims(out: Path) -> list:
 
 def _shown(claim: dict) -> str: return claim.get("shown", claim["verdict"])
 
+def _label(claim: dict) -> str: return f"claim {claim['id']}" if str(claim["id"]).isdigit() else f"check {claim['id']}"
+
 def _verdicts(claims: list) -> str:
-    "Each claim with its verdict, then how many of each verdict."
-    label = lambda c: f"claim {c['id']}" if str(c["id"]).isdigit() else f"check {c['id']}"
-    each = "; ".join(f"{label(c)}, *{c['claim'].rstrip('.')}*: **{_shown(c)}**{_stability_note(c)}" for c in claims)
+    "How many claims readers are shown with each verdict: '3 unstable, 2 partly, ...'."
     counts = Counter(_shown(c).split(" (")[0] for c in claims)
-    return f"{each} ({', '.join(f'{n} {v}' for v, n in counts.most_common())})"
+    return ", ".join(f"{n} {v}" for v, n in counts.most_common())
+
+def _stability(claim: dict) -> str:
+    return f"{100 * claim['stability']:.0f} %" if "stability" in claim else "—"
+
+def verdicts_table(study_dir: str | Path, # a finished claims study
+                  ) -> str:
+    "The study's verdicts as a markdown table: what readers are shown, the verdict, its stability, the twin's verdict."
+    claims = _claims(Path(study_dir))
+    head = (f"| claim | shown | verdict of all {claims[0]['seeds']} seeds | bootstrap stability | float-noise twin "
+            "| without the control |")
+    rows = [f"| {_label(c)}: {c['claim']} | **{_shown(c)}** | {c['verdict']} | {_stability(c)} | "
+            f"{c.get('twin_verdict', '—')} | {c.get('verdict_without_control', '—')} |" for c in claims]
+    return "\n".join([head, "|---|---|---|---|---|---|", *rows])
 
 # %% ../nbs/api/18_report.ipynb #8b0e2173
 def _noise_sentence(rate: float) -> str:
@@ -432,7 +445,7 @@ def _eps_text(eps: float, unit: float) -> str:
     return f"{eps / unit:.4g}/255" if math.isclose(unit, 1 / 255) else f"{eps:.4g}"
 
 # %% ../nbs/api/18_report.ipynb #e9820bd7
-def findings_paragraph(study_dir: str | Path, # a finished claims study (e.g. results/fmnist-noise)
+def findings_paragraph(study_dir: str | Path, # a finished claims study (e.g. results/fmnist-main)
                        shown_as: str | None = None, # how the text names the directory (default: results/NAME)
                        book: str = "", # the path from the page that shows the text to nbs/ ("../" from a chapter)
                       ) -> str:
@@ -444,7 +457,8 @@ def findings_paragraph(study_dir: str | Path, # a finished claims study (e.g. re
     return (f"The study stored in `{where}/` trained {len(study.runs)} runs: {study.description.split('. ')[0]}. "
             f"{_noise_sentence(spec.config.label_noise)}"
             f"It tests the claims of the paper ([the paper page]({book}paper.ipynb) states them), and code judges each from "
-            f"the runs by a criterion fixed in advance: {_verdicts(claims)}. The figure follows the hard-label PGD-AT "
+            f"the runs by a criterion fixed in advance ({_verdicts(claims)}; the table below gives each verdict with its "
+            f"stability). The figure follows the hard-label PGD-AT "
             f"run at eps {eps}, seed {spec.seed}: test robust accuracy {s['rob_best']:.1f} % and CAS {s['cas_best']:.1f} "
             f"at the best checkpoint (epoch {s['best_epoch']}, chosen on validation), {s['rob_last']:.1f} % and CAS "
             f"{s['cas_last']:.1f} at the last (epoch {s['last_epoch']}). The chapters [robust overfitting]"

@@ -56,7 +56,7 @@ class RunSpec:
 @dataclass
 class Study:
     "A set of runs analysed together: methods x seeds at the main eps, plus an eps sweep of hard-label AT."
-    name: str # e.g. "fmnist-noise"
+    name: str # e.g. "fmnist-main"
     description: str # one paragraph for the report
     runs: list # the `RunSpec`s
     main_eps: float # eps of the method comparison
@@ -204,7 +204,7 @@ def fmnist_config(scale: str = "cpu", # a key of `FMNIST_SCALES`
     return get_config(FMNIST_BASE, **{**FMNIST_SCALES[scale], **overrides})
 
 # %% ../nbs/api/14_studies.ipynb #ca92de0a
-_FMNIST_DESC = ("PGD adversarial training on Fashion-MNIST at CPU scale ({scale} scale): an MLP ({hidden}), "
+_FMNIST_DESC = ("PGD adversarial training on Fashion-MNIST at CPU scale: an MLP ({hidden}), "
                 "class-balanced subsets (training {train}, validation {val} for choosing the best checkpoint, test "
                 "{test} for reporting), l_inf eps {eps} (PGD-{steps} training, PGD-{esteps} evaluation every {every} "
                 "epoch(s)), {epochs} epochs with the learning rate decayed x0.1 after epochs {ms}. Methods: {methods}, "
@@ -233,7 +233,7 @@ def fmnist_study(scale: str = "cpu", # a key of `FMNIST_SCALES` ("main": the def
     "The Fashion-MNIST study at `scale`: the methods at eps 0.1 and an eps sweep of hard-label AT."
     base = fmnist_config(scale, **overrides)
     names, sweep = _methods_text(methods, sweep_eps)
-    desc = _FMNIST_DESC.format(scale=scale, hidden="-".join(map(str, base.model_kwargs["hidden"])),
+    desc = _FMNIST_DESC.format(hidden="-".join(map(str, base.model_kwargs["hidden"])),
                                train=base.train_size, val=base.val_size, test=base.test_size, eps=base.eps,
                                steps=base.steps, esteps=base.eval_steps, every=base.eval_every, epochs=base.epochs,
                                ms=", ".join(map(str, base.milestones)), methods=names,

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .core import CheckpointError, InputError, get_device, images_checked, quiet_default, set_rng_state, set_seed
+from .core import (CheckpointError, InputError, get_device, images_checked, quiet_default, set_rng_state,
+                                set_seed, torch_modes_kept)
 from .data import TensorLoader, load_dataset, stratified_subset, train_val_split
 from .losses import LRSchedule, make_loss
 from .learner import CASCB, DistillCB, EvalCB, FiguresCB, ProgressCB, ScheduleCB, TensorBoardCB
@@ -28,7 +29,7 @@ from .checkpoint import _model_from_checkpoint
 
 # %% auto #0
 __all__ = ['COMPILE_RECOMPILE_LIMIT', 'RANK_SEED_STRIDE', 'EPOCH_SEED_STRIDE', 'flip_labels', 'load_splits', 'check_bf16',
-           'jitter_weights', 'make_trainer', 'train']
+           'jitter_weights', 'make_trainer', 'device_line', 'warn_paper_on_cpu', 'train']
 
 # %% ../nbs/api/12_training.ipynb #e1a7752f
 def flip_labels(ds, # a `Dataset` (usually the training split)
@@ -154,6 +155,7 @@ def make_trainer(cfg: TrainConfig, # a validated config
                 ) -> Trainer:
     "A `Trainer` for `cfg` with its data, model, optimizer, loss and callbacks (restored from `checkpoint`)."
     device = _setup_device(cfg)
+    warn_paper_on_cpu(cfg, device)
     rank, world_size, owns_group = _join_process_group(device)
     splits = load_splits(cfg)
     train_ds, classes = splits["train"], splits["train"].classes
@@ -197,6 +199,19 @@ def make_trainer(cfg: TrainConfig, # a validated config
     t.rank, t.world_size, t.owns_group = rank, world_size, owns_group
     if checkpoint is not None: _restore(t, checkpoint)
     return t
+
+# %% ../nbs/api/12_training.ipynb #a679b264
+def device_line(t: Trainer) -> str:
+    "Where and how the trainer `t` trains: the device (and GPU name), the precision and the processes."
+    where = f"{t.device} ({torch.cuda.get_device_name(t.device)})" if t.device.type == "cuda" else str(t.device)
+    precision = "fp32" if t.cfg.amp == "none" else t.cfg.amp
+    return f"training on {where}, precision {precision}, {t.world_size} process{'es' if t.world_size > 1 else ''}"
+
+def warn_paper_on_cpu(cfg: TrainConfig, device: torch.device) -> None:
+    "Warn when one of the authors' GPU recipes is about to train on the CPU."
+    if cfg.name.endswith("-paper") and device.type == "cpu":
+        warnings.warn(f"{cfg.name} is the authors' GPU recipe and it is about to train on the CPU, which takes days: "
+                      "check torch.cuda.is_available(), or pass --device cuda to fail instead", stacklevel=2)
 
 # %% ../nbs/api/12_training.ipynb #23314be8
 EPOCH_SEED_STRIDE = 7919   # resumed with another number of processes: seed + EPOCH_SEED_STRIDE * epoch + rank (a prime)
@@ -246,13 +261,15 @@ def train(config: TrainConfig | str | None = None, # a config, a preset name, or
     if cfg.tensorboard: require_tensorboard()
     lock = RunLock(out)
     if int(os.environ.get("RANK", "0")) == 0 and lock.owner() is not None: lock.acquire()   # raises: in use
-    t = make_trainer(cfg, out, checkpoint=checkpoint, quiet=quiet, cbs=cbs)
-    finished = False
-    try:
-        _start_run(t, out, lock, cfg, checkpoint, state, overwrite)
-        with images_checked(): t.fit()       # the data were validated at load: no per-batch checks that wait
-        finished = True
-    finally:
-        lock.release()
-        _leave_process_group(t, finished)
+    with torch_modes_kept():                 # deterministic mode and cudnn benchmarking: as before, after the run
+        t = make_trainer(cfg, out, checkpoint=checkpoint, quiet=quiet, cbs=cbs)
+        if not quiet and t.rank == 0: print(device_line(t), flush=True)
+        finished = False
+        try:
+            _start_run(t, out, lock, cfg, checkpoint, state, overwrite)
+            with images_checked(): t.fit()   # the data were validated at load: no per-batch checks that wait
+            finished = True
+        finally:
+            lock.release()
+            _leave_process_group(t, finished)
     return out

@@ -1,6 +1,7 @@
 """The `crossclass` command line: every subcommand works end to end, and --help everywhere. Bad input (one line on
 stderr, exit code 2, nothing written) is the catalogue's (`tests/catalogue.py`, run by test_bad_input.py)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -93,6 +94,15 @@ def test_python_m_cli_really_trains(tmp_path):
     assert f"run directory: {out}" in p.stdout
     assert [r["epoch"] for r in load_metrics(out)] == [1]
     for f in ("config.json", "last.pt", "best.pt"): assert (out / f).is_file(), f
+
+
+def test_train_says_where_it_trains(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CROSSCLASS_QUIET"}
+    p = subprocess.run([sys.executable, "-m", "crossclass_nb.cli", "train", "--preset", "fmnist-tiny", "--out",
+                        str(tmp_path / "run"), "--epochs", "1", "--device", "cpu"], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("training on cpu, precision fp32, 1 process\n"), p.stdout[:500]
 
 
 def test_eval_runs_autoattack_by_default_with_the_extra(trained, tmp_path, capsys):

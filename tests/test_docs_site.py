@@ -252,8 +252,11 @@ def test_shows_something_reads_cells_as_the_reader_does():
 
 def normalised(code: str) -> str:
     """Code as text to match a notebook cell with its rendering: no directives, no trailing blanks; "" for a cell of
-    `show_doc` calls, whose code nbdev hides (it is matched with the page's cells that show no code)."""
-    code = cell_options(code)[1].strip()
+    `show_doc` calls, whose code nbdev hides, and for an `echo: false` cell (both are matched with the page's cells
+    that show no code)."""
+    opts, code = cell_options(code)
+    if opts.get("echo") == "false": return ""   # the page shows its output but not its code
+    code = code.strip()
     try: body = ast.parse(code).body
     except SyntaxError: body = None
     if body and all(isinstance(b, ast.Expr) and isinstance(b.value, ast.Call) and callee(b.value) == "show_doc" for b in body):

@@ -168,7 +168,8 @@ def test_resume_accepts_a_study_stored_before_new_config_settings(tmp_path):
 
 def test_presets_and_seeds():
     assert len(get_study("fmnist-noise").runs) == 21 and len(get_study("fmnist-noise", seeds=(0, 1)).runs) == 14
-    assert {r.config.label_noise for r in get_study().runs} == {0.3}                  # the default study overfits
+    assert {r.config.label_noise for r in get_study().runs if r.method != "at_clean"} == {0.3}   # the default overfits
+    assert {r.config.label_noise for r in get_study().runs if r.method == "at_clean"} == {0.0}   # ... beside its control
     assert {r.config.label_noise for r in get_study("fmnist-clean").runs} == {0.0}
     assert all(r.config.data_seed == r.seed for r in get_study("fmnist-clean").runs)   # each seed its own subset
     assert min(r.config.test_size for r in get_study("fmnist-clean").runs) >= 2000
@@ -219,7 +220,8 @@ def test_bad_launcher_writes_nothing(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-STORED = ("fmnist-noise", "fmnist-clean", "fmnist-clean-fit", "fmnist-regime-search")
+STORED = ("fmnist-main", "fmnist-noise", "fmnist-clean", "fmnist-clean-fit", "fmnist-regime-search")
+TWINS = {"fmnist-main": "fmnist-main-twin"}  # a stored study -> its stored float-noise twin
 
 
 @pytest.mark.parametrize("name", STORED)
@@ -232,24 +234,29 @@ def test_presets_train_what_the_stored_studies_trained(name):
     assert (built.name, built.main_eps, built.eps_unit, built.kind) == (stored.name, stored.main_eps, stored.eps_unit, stored.kind)
 
 
-def test_the_default_study_is_the_stored_label_noise_study():
-    assert run_configs(get_study()) == run_configs(ROOT / "results" / "fmnist-noise")
+def test_the_default_study_is_the_stored_main_study():
+    assert run_configs(get_study()) == run_configs(ROOT / "results" / "fmnist-main")
 
 
-@pytest.mark.parametrize("name", STORED[:3])
+@pytest.mark.parametrize("name", TWINS)
+def test_the_stored_twin_is_the_float_noise_twin(name):
+    assert run_configs(get_study(name, float_noise=1e-6)) == run_configs(ROOT / "results" / TWINS[name])
+
+
+@pytest.mark.parametrize("name", STORED[:4])
 def test_stored_studies_analyse_to_their_stored_numbers(name, tmp_path):
-    "A copy of a stored study, analysed again, writes the summary and the claims it stored."
+    "A copy of a stored study, analysed again (with its stored twin, if any), writes the summary and the claims it stored."
     import shutil
     from crossclass_nb.report import analyse_study
     shutil.copytree(ROOT / "results" / name, tmp_path / name)
-    analyse_study(tmp_path / name)
+    analyse_study(tmp_path / name, ROOT / "results" / TWINS[name] if name in TWINS else None)
     for f in ("summary.json", "claims.json"):
         assert json.loads((tmp_path / name / f).read_text()) == json.loads((ROOT / "results" / name / f).read_text())
 
 
 def test_findings_paragraph_of_the_main_study():
-    text = findings_paragraph(ROOT / "results" / "fmnist-noise")
-    claims = json.loads((ROOT / "results/fmnist-noise/claims.json").read_text())
-    assert text.startswith("The study stored in `results/fmnist-noise/` trained 21 runs")
-    assert all(f"**{c['verdict']}**" in text for c in claims) and "(paper.ipynb)" in text
+    text = findings_paragraph(ROOT / "results" / "fmnist-main")
+    claims = json.loads((ROOT / "results/fmnist-main/claims.json").read_text())
+    assert text.startswith("The study stored in `results/fmnist-main/` trained 40 runs")
+    assert all(f"**{c['shown']}**" in text for c in claims) and "(paper.ipynb)" in text
     with pytest.raises(RunDirError): findings_paragraph(ROOT / "results" / "fmnist-regime-search")

@@ -91,8 +91,9 @@ def test_findings_come_from_the_stored_results():
         paragraph = findings_paragraph(Path(os.path.relpath(study, make_readme.NBS))).strip()
     from_top = make_readme.LOCAL_LINK.sub(lambda m: f"]({make_readme.from_top(m.group(1))})", paragraph)  # as README links
     assert " ".join(from_top.split()) in " ".join(found.split())
-    for c in json.loads((study / "claims.json").read_text()):
-        assert f"**{c['verdict']}**" in found and " ".join(c["claim"].rstrip(".").split()) in " ".join(found.split())
+    for c in json.loads((study / "claims.json").read_text()):   # the verdicts table: one row per claim, as shown
+        (row,) = [line for line in found.splitlines() if line.startswith(("| claim ", "| check ")) and c["claim"] in line]
+        assert f"| **{c['shown']}** | {c['verdict']} |" in row, row
     (image,) = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", found)
     assert (ROOT / image).resolve() == study / "story.png", image
     assert (study / "story.png").read_bytes().startswith(b"\x89PNG") and (study / "story.png").stat().st_size > 10_000
@@ -222,7 +223,8 @@ def test_recipe_read_the_book(docs_site):
     assert start in page and end in page, "the page has no section 'What the package found' before 'Quick start'"
     found = page[page.index(start):page.index(end)]  # the sections themselves, not the table of contents
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", found)).replace("\u2019", "'").split())
-    paragraph = plain(section(readme(), "## What the package found").split("![")[0].strip().split("\n\n")[-1])
+    (paragraph,) = [p for p in section(readme(), "## What the package found").split("\n\n") if p.startswith("The study stored")]
+    paragraph = plain(paragraph)
     assert " ".join(paragraph.split()[:12]) in text, "the page's findings are not the README's"
     assert "data:image/png;base64," in found, "the page shows no figure under its findings"
 

@@ -5,7 +5,8 @@ The README is the index's markdown cells, in order. Code cells are left out, and
 package found", which the index computes when it renders and the README states as text:
 
 - the cell `Markdown(findings_paragraph(STUDY))` becomes that paragraph (`crossclass_nb.report.findings_paragraph`,
-  computed here exactly as the index computes it: from nbs/, for the study `STUDY` the index names);
+  computed here exactly as the index computes it: from nbs/, for the study `STUDY` the index names), and the cell
+  `Markdown(verdicts_table(STUDY))` the verdicts table (`crossclass_nb.report.verdicts_table`);
 - the cell `Image(filename=STUDY / "story.png")` becomes a link to that figure, which `crossclass reproduce` wrote
   into the study's directory, with `crossclass_nb.report.story_caption` as its text.
 
@@ -30,7 +31,8 @@ README = ROOT / "README.md"
 HEADER = "<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, then run the script. -->\n\n"
 LOCAL_LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)\s]+\.(?:ipynb|png|svg|html|md|json))\)")
 STUDY_LINE = re.compile(r'^STUDY = Path\("([^"]+)"\)', re.M)  # the findings cell names its study: STUDY = Path("../results/x")
-FINDINGS_CALL, FIGURE_CALL = "Markdown(findings_paragraph(STUDY))", 'Image(filename=STUDY / "story.png")'
+FINDINGS_CALL, TABLE_CALL = "Markdown(findings_paragraph(STUDY))", "Markdown(verdicts_table(STUDY))"
+FIGURE_CALL = 'Image(filename=STUDY / "story.png")'
 
 
 @contextmanager
@@ -47,7 +49,7 @@ def source(cell: dict) -> str:
 
 
 def study_of(cells: list) -> str:
-    "The study the index's findings cell names (`../results/fmnist-noise`), relative to nbs/."
+    "The study the index's findings cell names (`../results/fmnist-main`), relative to nbs/."
     found = [m.group(1) for c in cells if c["cell_type"] == "code" for m in STUDY_LINE.finditer(source(c))]
     if len(found) != 1:
         sys.exit(f"nbs/index.ipynb must name its study once, in a line `STUDY = Path(\"../results/NAME\")`; found {found}")
@@ -59,6 +61,12 @@ def findings(study: str) -> str:
     from crossclass_nb.report import findings_paragraph
     with in_folder(NBS): text = findings_paragraph(Path(study)).strip()
     return textwrap.fill(text, 118, break_long_words=False, break_on_hyphens=False)
+
+
+def verdicts(study: str) -> str:
+    "The verdicts table of \"What the package found\" (`crossclass_nb.report.verdicts_table`), as the index computes it."
+    from crossclass_nb.report import verdicts_table
+    with in_folder(NBS): return verdicts_table(Path(study))
 
 
 def caption(study: str) -> str:
@@ -79,9 +87,10 @@ def readme_parts(cells: list) -> list:
         text = source(c).strip()
         if c["cell_type"] == "markdown":
             if text and "<!-- docs-only" not in text: parts.append(text)
-        elif c["cell_type"] == "code" and (FINDINGS_CALL in text or FIGURE_CALL in text):
+        elif c["cell_type"] == "code" and any(call in text for call in (FINDINGS_CALL, TABLE_CALL, FIGURE_CALL)):
             study = study or study_of(cells)
-            parts.append(findings(study) if FINDINGS_CALL in text else figure(study))
+            parts.append(findings(study) if FINDINGS_CALL in text else verdicts(study) if TABLE_CALL in text
+                         else figure(study))
     return parts
 
 
