@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crossclass_nb.attacks import (NORMS, PGD, MissingExtraError, accuracy, attack_mode, autoattack_accuracy, fgsm,
-                                   fgsm_rs, pgd, trades_adv)
-from crossclass_nb.core import InputError
+from crossclass_nb.attacks import (NORMS, PGD, accuracy, attack_mode, autoattack_accuracy, fgsm, fgsm_rs, pgd,
+                                   trades_adv)
+from crossclass_nb.core import InputError, MissingExtraError
 
 torch.set_num_threads(1)
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
