@@ -58,6 +58,7 @@ def _crossclass(*args, cwd):
     ("eval", "{d}/x.pt"),                                             # a file that is not there
     ("eval", "{d}/last.pt"),                                          # a truncated checkpoint
 ], ids=["bad-preset", "argparse", "missing-checkpoint", "truncated-checkpoint"])
+@pytest.mark.slow  # a subprocess or a whole run
 def test_real_process(argv, tmp_path, snapshot):
     "The console script: one line `crossclass COMMAND: error: ...`, exit code 2, no traceback, nothing written."
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 half a checkpoint")

@@ -77,6 +77,7 @@ def test_train_config_file_and_overrides(tmp_path, capsys):
     assert abs(cfg["eps"] - 8 / 255) < 1e-12
 
 
+@pytest.mark.slow  # a subprocess or a whole run
 def test_python_m_runs_the_cli():
     "`python -m crossclass_nb` and `python -m crossclass_nb.cli` are the `crossclass` program (what torchrun -m needs)."
     for module in ("crossclass_nb", "crossclass_nb.cli"):
@@ -86,6 +87,7 @@ def test_python_m_runs_the_cli():
     assert p.returncode == 2 and p.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # a subprocess or a whole run
 def test_python_m_cli_really_trains(tmp_path):
     out = tmp_path / "runB"
     p = subprocess.run([sys.executable, "-m", "crossclass_nb.cli", "train", "--preset", "fmnist-tiny", "--out", str(out),
@@ -96,6 +98,7 @@ def test_python_m_cli_really_trains(tmp_path):
     for f in ("config.json", "last.pt", "best.pt"): assert (out / f).is_file(), f
 
 
+@pytest.mark.slow  # a subprocess or a whole run
 def test_train_says_where_it_trains(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CROSSCLASS_QUIET"}
     p = subprocess.run([sys.executable, "-m", "crossclass_nb.cli", "train", "--preset", "fmnist-tiny", "--out",

@@ -200,6 +200,7 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, msg):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.slow  # a subprocess or a whole run
 def test_cifar_recipe_runs_on_a_fake_cifar(tmp_path):
     "The GPU preset's path (CIFAR in torchvision's format from --data, eps in /255, PreAct/CNN models) on a tiny fake CIFAR."
     from crossclass_nb.data import make_fake_cifar
