@@ -5,13 +5,16 @@
 # %% ../nbs/api/13_launchers.ipynb #67987565
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ from .core import CrossclassError, InputError, MissingExtraError
 
 # %% auto #0
 __all__ = ['LOCAL_TIMEOUT_MIN', 'SLURM_POLL_S', 'LAUNCHERS', 'Job', 'JobError', 'job_order', 'TimedCall', 'report_progress',
-           'schedule', 'slurm_executor', 'torchrun_command', 'run_pickled', 'run_torchrun', 'check_launch', 'launch']
+           'schedule', 'sigterm_raises', 'slurm_executor', 'torchrun_command', 'run_pickled', 'run_torchrun',
+           'check_launch', 'launch']
 
 # %% ../nbs/api/13_launchers.ipynb #c36f536f
 @dataclass
@@ -184,9 +188,24 @@ def _run_inline(order: list[Job], on_done: Callable, on_progress: Callable | Non
     finally: _set_progress(None)
 
 # %% ../nbs/api/13_launchers.ipynb #5683f7bd
-def _start_worker(progress) -> None:
-    "Start-up of a pool worker: `report_progress` puts payloads into the `progress` queue."
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    "In a pool worker: end the process within `every` seconds of its parent's death (a killed study leaves no orphan)."
+    while os.getppid() == parent: time.sleep(every)
+    os._exit(1)
+
+def _start_worker(progress, parent: int) -> None:
+    "Start-up of a pool worker: `report_progress` puts payloads into `progress`; the worker dies with its `parent`."
     _set_progress(progress.put)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+@contextlib.contextmanager
+def sigterm_raises():
+    "Within this block SIGTERM raises `SystemExit` (in the main thread), so that cleanup code runs on the way out."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def stop(signum, frame): raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, previous)
 
 def _drain(progress, on_progress: Callable | None) -> None:
     "Hand every payload waiting in the `progress` queue to `on_progress` (waiting a moment for the first)."
@@ -216,9 +235,11 @@ def _run_processes(order: list[Job], workers: int, on_done: Callable, on_progres
     from crossclass_nb.launchers import TimedCall, _start_worker   # the module's own: a new process imports them
     context = multiprocessing.get_context("spawn")
     progress = context.Queue()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(progress,))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(progress, os.getpid()))
     def start(job): return pool.submit(TimedCall(job.fn, job.args, _threads(workers)))
-    try: results = schedule(order, start, on_done, workers, poll=lambda: _drain(progress, on_progress))
+    try:
+        with sigterm_raises():   # `kill` (SIGTERM) stops the workers too, instead of leaving them to train on
+            results = schedule(order, start, on_done, workers, poll=lambda: _drain(progress, on_progress))
     except BaseException:
         for process in list((getattr(pool, "_processes", None) or {}).values()): process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)

@@ -215,3 +215,47 @@ def test_torchrun_failure_is_a_job_error(monkeypatch):
     monkeypatch.setattr(launchers, "torchrun_command", lambda call_file, gpus: exit_3)
     with pytest.raises(JobError, match="torchrun with 2 processes exited with status 3"):
         TimedCall(fail, ("rank error",), gpus=2)()
+
+
+def _children(pid: int) -> list[int]:
+    "The live processes whose parent is `pid` (Linux /proc)."
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try: fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError: continue
+        if int(fields[1]) == pid and fields[0] != "Z": out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError: return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_sigterm_stops_every_worker_and_resume_gives_the_same_numbers(quick_study, tmp_path):
+    "SIGTERM to `crossclass reproduce --jobs 2` stops its workers within 30 s; `--resume` then finishes the study with the numbers of an uninterrupted one."
+    import signal
+    import subprocess
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", "import sys; from crossclass_nb.cli import main; sys.exit(main())", "reproduce", "--quick",
+           "--methods", "at", "--seeds", "1", "--jobs", "2", "--out", str(out)]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(len(p.read_text().splitlines()) >= 2
+                                             for p in out.glob("runs/*/metrics.jsonl")):
+        time.sleep(0.5)
+    workers = _children(parent.pid)
+    assert workers and parent.poll() is None, "the study ended before it could be stopped"
+    t0 = time.time()
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) != 0
+    while any(_alive(w) for w in workers) and time.time() - t0 < 30: time.sleep(0.5)
+    assert not [w for w in workers if _alive(w)], "workers outlived the study by 30 s"
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    own = ("seconds", "dcas_control", "dcas_excess")   # timing, and the control the subset of the study does not have
+    numbers = lambda d, names: json.dumps([{k: v for k, v in r.items() if k not in own}
+                                           for r in json.loads((d / "summary.json").read_text()) if r["name"] in names])
+    names = {r["name"] for r in json.loads((out / "summary.json").read_text())}
+    assert len(names) == 3 and numbers(out, names) == numbers(quick_study.out, names)
