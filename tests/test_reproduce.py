@@ -48,7 +48,7 @@ def test_quick_run_writes_everything(quick):
     with open(out / "summary.csv") as f: assert len(list(csv.DictReader(f))) == len(study.runs)
     claims = json.loads((out / "claims.json").read_text())
     assert [c["id"] for c in claims] == [c["id"] for c in CLAIMS] and all(c["verdict"] in VERDICTS for c in claims)
-    for c in claims: assert f"  {c['id']}: {c['verdict']}" in r.stdout
+    for c in claims: assert f"  {c['id']}: {c['shown']}" in r.stdout
     t = json.loads((out / "timings.json").read_text())
     assert t["runs trained now"] == len(study.runs) and t["total seconds (this invocation)"] <= seconds
     print(f"crossclass reproduce --quick: {seconds:.0f} s wall ({t['training seconds (this invocation)']:.0f} s training)")
@@ -78,11 +78,11 @@ def test_report_renders_offline_in_chromium(quick, serve, chromium):
     assert resp is not None and resp.status == 200
     images = page.evaluate("""() => Array.from(document.images).map(i => ({
         ok: i.complete && i.naturalWidth > 0 && i.naturalHeight > 0, src: i.src.slice(0, 22), w: i.naturalWidth}))""")
-    verdicts = page.locator("table.claims tbody tr td:nth-child(3)").all_inner_texts()
+    verdicts = page.locator("table.claims tbody tr td:nth-child(3) b").all_inner_texts()   # the verdict shown, in bold
     title = page.locator("h1").inner_text()
     page.close()
     assert len(images) == 5 and all(i["ok"] and i["src"] == "data:image/png;base64," and i["w"] > 300 for i in images), images
-    assert [v.strip() for v in verdicts] == [c["verdict"] for c in json.loads((out / "claims.json").read_text())]
+    assert [v.strip() for v in verdicts] == [c["shown"] for c in json.loads((out / "claims.json").read_text())]
     assert "fmnist-quick" in title
     outside = [u for u in requests if not (u.startswith(base) or u.startswith("data:"))]
     assert not outside, outside
