@@ -49,22 +49,22 @@ class JobError(CrossclassError):
 # %% ../nbs/api/13_launchers.ipynb #f1f90819
 def job_order(jobs: list[Job], # the jobs of one launch
              ) -> list[Job]:
-    "`jobs` ordered so that each comes after the jobs it needs; refuses duplicate names and cycles."
+    "`jobs` in their own order, except that each comes after the jobs it needs; refuses duplicate names and cycles."
     by_name = {}
     for job in jobs:
         if not isinstance(job, Job):
             raise InputError(f"launch takes Job objects, got {type(job).__name__}: use Job(name, fn, args)")
         if job.name in by_name: raise InputError(f"two jobs are named {job.name!r}: give every job its own name")
         by_name[job.name] = job
-    order, placed = [], set()
-    while len(order) < len(by_name):
-        ready = [job for job in by_name.values()
-                 if job.name not in placed and all(name in placed or name not in by_name for name in job.after)]
-        if not ready:
-            stuck = ", ".join(sorted(set(by_name) - placed))
+    order, placed, waiting = [], set(), list(by_name.values())
+    while waiting:   # the first job (in the given order) whose needs are met, so a student follows its teacher closely
+        job = next((j for j in waiting if all(name in placed or name not in by_name for name in j.after)), None)
+        if job is None:
+            stuck = ", ".join(sorted(j.name for j in waiting))
             raise InputError(f"the jobs {stuck} wait for each other in a cycle: remove one of their `after` names")
-        order += ready
-        placed.update(job.name for job in ready)
+        order.append(job)
+        placed.add(job.name)
+        waiting.remove(job)
     return order
 
 # %% ../nbs/api/13_launchers.ipynb #3aff139d
