@@ -28,8 +28,9 @@ from .checkpoint import CheckpointCB, FinalEvalCB, build_model, load_checkpoint,
 from .checkpoint import _model_from_checkpoint
 
 # %% auto #0
-__all__ = ['COMPILE_RECOMPILE_LIMIT', 'RANK_SEED_STRIDE', 'EPOCH_SEED_STRIDE', 'flip_labels', 'load_splits', 'check_bf16',
-           'jitter_weights', 'make_trainer', 'device_line', 'warn_paper_on_cpu', 'train']
+__all__ = ['COMPILE_RECOMPILE_LIMIT', 'RANK_SEED_STRIDE', 'EPOCH_SEED_STRIDE', 'flip_labels', 'load_splits',
+           'cpu_has_native_bf16', 'check_bf16', 'jitter_weights', 'make_trainer', 'device_line', 'warn_paper_on_cpu',
+           'train']
 
 # %% ../nbs/api/12_training.ipynb #e1a7752f
 def flip_labels(ds, # a `Dataset` (usually the training split)
@@ -70,11 +71,21 @@ def load_splits(cfg: TrainConfig) -> dict:
     return {"train": train, "val": val, "test": test}
 
 # %% ../nbs/api/12_training.ipynb #ed09a6cf
+def cpu_has_native_bf16() -> bool | None:
+    "Whether this CPU computes bf16 natively (avx512_bf16 or amx_bf16 among its flags); None where that is unknown."
+    try: flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError: return None
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
 def check_bf16(amp: str, # the run's `amp`
                device: torch.device, # the run's device
               ) -> None:
-    "Warn when bf16 is asked for on a GPU that only emulates it."
-    if amp != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False): return
+    "Warn when bf16 is asked for on a GPU or a CPU that only emulates it."
+    if amp != "bf16": return
+    if device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("this CPU has no native bf16 arithmetic (neither avx512_bf16 nor amx_bf16), so amp='bf16' is "
+                      "emulated and slower than fp32: leave amp='none' here", stacklevel=2)
+    if device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False): return
     warnings.warn(f"{torch.cuda.get_device_name(device)} has no native bf16 arithmetic, so amp='bf16' is emulated "
                   "and slow: use amp='fp16' (--set amp=fp16) on this GPU", stacklevel=2)
 

@@ -93,7 +93,17 @@ def test_bf16_on_an_emulating_gpu_names_fp16(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_bf16("fp16", torch.device("cuda", 0))
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named(monkeypatch):
+    from crossclass_nb import training
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16 arithmetic"): check_bf16("bf16", torch.device("cpu"))
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         check_bf16("bf16", torch.device("cpu"))
+        check_bf16("none", torch.device("cpu"))
 
 
 @pytest.fixture
