@@ -436,9 +436,9 @@ def _noise_sentence(rate: float) -> str:
     return (f"{100 * rate:.0f} % of each seed's training labels are replaced by another class (validation and test "
             "labels are clean): an amplifier of memorisation, not the paper's setting. Hard-label AT also runs on the "
             "clean labels of the same subsets from the same initial weights: a matched control. "
-            "Of the clean-label settings searched, the one that overfits most is a wide MLP trained for 200 epochs, "
-            "about 20 minutes a run on 2 cores (the regime search and robust overfitting chapters show the search and "
-            "the clean-label studies). ")
+            "Of the clean-label settings searched, a wide MLP trained for 200 epochs has the largest gap, at about 20 "
+            "minutes a run on 2 cores (the regime search and robust overfitting chapters show the search and the "
+            "clean-label studies). ")
 
 def _eps_text(eps: float, unit: float) -> str:
     "A radius in the study's own unit: 8/255 for a study counted in 1/255, 0.1 otherwise."
