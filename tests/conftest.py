@@ -4,14 +4,16 @@
   removes it from the environment of its subprocess, as `quick_study` does).
 - `snapshot`: the disk snapshot that proves a refused call wrote nothing.
 - `serve` and `chromium`: a real browser (Debian's Chromium, driven by Playwright) and a local HTTP server.
-- Built once per session and shared: `docs_site` (the `_docs/` site that `tools/build_docs.py` built, which is also the
+- Built once per run and shared: `docs_site` (the `_docs/` site that `tools/build_docs.py` built, which is also the
   run of every notebook), `wheel` (one wheel, installed into a fresh virtual environment) and `quick_study` (one
-  `crossclass reproduce --quick`, by the installed wheel, outside the repository).
+  `crossclass reproduce --quick`, by the installed wheel, outside the repository). Once also when pytest-xdist runs
+  the suite in several processes (`make test` uses two): the first to ask builds, under a file lock (`built_once`).
 - A test that uses one of these three is marked `slow`, as are the tests marked by hand: `pytest -m "not slow"` leaves
   them out.
 """
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -98,12 +100,35 @@ def chromium():
 
 # ------------------------------------------------------------------------- built once per session, then shared
 
+def shared_dir(tmp_path_factory) -> Path:
+    "A folder all the processes of one pytest run share: the base temp, or its parent under pytest-xdist's workers."
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> dict:
+    """`build(folder)` run once per pytest run, also when pytest-xdist splits the run over several processes: the
+    first process to ask builds into `shared/name` under a file lock and stores what `build` returns (a JSON dict);
+    the others wait for it and read it back."""
+    from filelock import FileLock
+    folder, shared = shared_dir(tmp_path_factory) / name, shared_dir(tmp_path_factory)
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_text(json.dumps(build(folder)))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
-def docs_site() -> Path:
+def docs_site(tmp_path_factory) -> Path:
     """The docs site `_docs/` as `make docs` (tools/build_docs.py) builds it. `make test` builds it just before pytest,
     and that build is the run of every notebook; here it is built only when it is missing (`make docs` refreshes it)."""
-    if not (DOCS / "index.html").exists():
-        run([sys.executable, ROOT / "tools" / "build_docs.py"], cwd=ROOT, timeout=3600)
+    def build(_):
+        if not (DOCS / "index.html").exists():
+            run([sys.executable, ROOT / "tools" / "build_docs.py"], cwd=ROOT, timeout=3600)
+        return {}
+    built_once(tmp_path_factory, "docs", build)
     return DOCS
 
 
@@ -130,17 +155,20 @@ def wheel(tmp_path_factory) -> Wheel:
     downloaded again: a `.pth` line adds the development venv's site-packages after the fresh one. Python does not
     process `.pth` files inside a directory added that way, so the development venv's editable install stays inactive."""
     if shutil.which("git") is None or not (ROOT / ".git").exists(): pytest.skip("needs the git repository")
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = _copy_of_the_repository(tmp / "src")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", src])
-    (built,) = (tmp / "dist").glob("crossclass_nb-*.whl")
-    venv = tmp / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", venv])
-    fresh = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-                 .stdout.strip())
-    (fresh / "dev_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index", "-q", built])
-    return Wheel(venv, built)
+    def build(tmp: Path) -> dict:
+        src = _copy_of_the_repository(tmp / "src")
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", src])
+        (built,) = (tmp / "dist").glob("crossclass_nb-*.whl")
+        venv = tmp / "venv"
+        run([sys.executable, "-m", "venv", "--without-pip", venv])
+        fresh = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+                     .stdout.strip())
+        (fresh / "dev_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index", "-q",
+             built])
+        return {"venv": str(venv), "wheel": str(built)}
+    made = built_once(tmp_path_factory, "wheel", build)
+    return Wheel(Path(made["venv"]), Path(made["wheel"]))
 
 
 class QuickStudy(NamedTuple):
@@ -161,10 +189,13 @@ def quick_study(wheel, tmp_path_factory) -> QuickStudy:
     """The one `crossclass reproduce --quick` of the suite, as a user runs it after `pip install .`: the wheel's
     `crossclass`, in a directory outside the repository, not quiet. Tests that need a finished study share it; a test
     that changes it works on a copy (`shutil.copytree(quick_study.out, ...)`)."""
-    cwd = tmp_path_factory.mktemp("elsewhere")
-    assert not cwd.resolve().is_relative_to(ROOT)
-    out = cwd / "quick"
-    t0 = time.perf_counter()
-    r = subprocess.run([wheel.venv / "bin" / "crossclass", "reproduce", "--quick", "--out", out], cwd=cwd,
-                       env=user_env(), capture_output=True, text=True, timeout=1800)
-    return QuickStudy(out, r, time.perf_counter() - t0, cwd)
+    def build(cwd: Path) -> dict:
+        assert not cwd.resolve().is_relative_to(ROOT)
+        t0 = time.perf_counter()
+        r = subprocess.run([wheel.venv / "bin" / "crossclass", "reproduce", "--quick", "--out", cwd / "quick"], cwd=cwd,
+                           env=user_env(), capture_output=True, text=True, timeout=1800)
+        return {"cwd": str(cwd), "returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr,
+                "seconds": time.perf_counter() - t0, "args": [str(a) for a in r.args]}
+    made = built_once(tmp_path_factory, "elsewhere", build)
+    result = subprocess.CompletedProcess(made["args"], made["returncode"], made["stdout"], made["stderr"])
+    return QuickStudy(Path(made["cwd"]) / "quick", result, made["seconds"], Path(made["cwd"]))

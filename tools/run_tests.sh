@@ -3,8 +3,8 @@
 #   1. notebooks and library in sync (nbdev_export and nbdev_clean change nothing);
 #   2. the docs site: every notebook executed once, as nbdev_test would run it (same skipped cells, the build fails
 #      on the first error with the notebook and the cell), its timings listed, the pages rendered into _docs/;
-#   3. pytest, whose tests reuse that site, one wheel and one `crossclass reproduce --quick` (fixtures of
-#      tests/conftest.py); its summary line ends the run.
+#   3. pytest in two processes (pytest-xdist, a test file to a process), whose tests reuse that site, one wheel and
+#      one `crossclass reproduce --quick` (fixtures of tests/conftest.py); its summary line ends the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -23,4 +23,4 @@ step "notebooks executed and the docs site built"
 python tools/build_docs.py
 
 step "pytest"
-python -m pytest tests/ -q -p no:cacheprovider --durations=15
+python -m pytest tests/ -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile   # two processes, a test file each
