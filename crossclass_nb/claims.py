@@ -260,6 +260,7 @@ def _claim6_verdict(v3: str, v5: str) -> str:
 def evaluate_claims(rows: list[dict], # `study_summary` rows
                     main_eps: float, # eps of the method comparison
                     eps_unit: float = 1.0, # display unit of eps
+                    without_control: bool = True, # also judge claims 1 and 3 by the rules before the control
                    ) -> list[dict]:
     "The claims table: for every claim its criterion, the measured numbers and the verdict the criterion gives."
     out = {}
@@ -268,7 +269,7 @@ def evaluate_claims(rows: list[dict], # `study_summary` rows
         v, text, nums = c["test"](rows, main_eps, eps_unit)
         out[c["id"]] = {"id": c["id"], "claim": c["claim"], "criterion": c["criterion"], "measured": text,
                         "verdict": v, "numbers": nums}
-    for cid, test in (("1", _claim1), ("3", _claim3)):   # the verdict by the rules before the control was required
+    for cid, test in (("1", _claim1), ("3", _claim3)) if without_control else ():   # the rules before the control
         out[cid]["verdict_without_control"] = test(rows, main_eps, eps_unit, control=False)[0]
     v3, v5 = out["3"]["verdict"], out["5"]["verdict"]
     c6 = next(c for c in CLAIMS if c["id"] == "6")
@@ -299,7 +300,8 @@ def bootstrap_stability(rows: list[dict], # summary rows of a claims study
     full = {c["id"]: c["verdict"] for c in evaluate_claims(rows, main_eps, eps_unit)}
     same = Counter()
     for _ in range(n):
-        for c in evaluate_claims(resample_seeds(rows, rng.choice(seeds, len(seeds))), main_eps, eps_unit):
+        resample = resample_seeds(rows, rng.choice(seeds, len(seeds)))
+        for c in evaluate_claims(resample, main_eps, eps_unit, without_control=False):
             same[c["id"]] += c["verdict"] == full[c["id"]]
     return {cid: same[cid] / n for cid in full}
 
